@@ -1,0 +1,1 @@
+"""nestpatch.converters: fold patches into safetensors and GGUF, export LoRA, revert."""

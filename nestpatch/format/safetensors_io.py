@@ -1,0 +1,182 @@
+"""A small, strict, numpy-only safetensors codec.
+
+Why not ``safetensors.numpy``: numpy has no bfloat16, and a reader facing hostile files must
+bound every size before it allocates. Files written here are plain safetensors and open in
+every safetensors tool; files read here are checked offset by offset.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from .constants import MAX_DIM, MAX_HEADER_BYTES
+
+#: safetensors dtype name -> (numpy dtype used for storage, element size)
+_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; see bf16_to_f32 / f32_to_bf16
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "U8": np.dtype("u1"),
+}
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bits (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits (round to nearest even), as torch does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounding = ((u >> 16) & 1) + 0x7FFF
+    out = ((u + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def encode_array(x: np.ndarray, dtype: str) -> bytes:
+    """Encode a numpy array as the raw little-endian bytes of safetensors ``dtype``."""
+    if dtype == "BF16":
+        return f32_to_bf16(np.asarray(x, dtype=np.float32)).tobytes()
+    return np.ascontiguousarray(x, dtype=_DTYPES[dtype]).tobytes()
+
+
+def decode_array(raw: np.ndarray | bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode raw bytes into a numpy array (BF16 widened to float32)."""
+    arr = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":
+        return bf16_to_f32(arr).reshape(shape)
+    return arr
+
+
+def dumps(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
+    """Serialize ``{name: (dtype, array)}`` plus string metadata to safetensors bytes.
+
+    Tensors are laid out in sorted name order; the header is padded with spaces to 8 bytes.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        dtype, arr = tensors[name]
+        blob = encode_array(arr, dtype)
+        header[name] = {"dtype": dtype, "shape": list(np.shape(arr)), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    hbytes += b" " * ((8 - len(hbytes) % 8) % 8)
+    return struct.pack("<Q", len(hbytes)) + hbytes + b"".join(blobs)
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped view of a safetensors file.
+
+    All header fields are checked before any tensor is touched: offsets in bounds, contiguous,
+    non-overlapping, sizes consistent with dtype and shape, header size bounded.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: no such file") from None
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot read ({e.strerror})") from None
+        if self.path.is_dir():
+            raise FormatError(f"{self.path}: is a directory, expected a .nestpatch file")
+        if size < 8:
+            raise FormatError(f"{self.path}: truncated: {size} bytes, expected at least an 8-byte header length")
+        with open(self.path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > MAX_HEADER_BYTES:
+                raise FormatError(f"{self.path}: header length {hlen} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+            if 8 + hlen > size:
+                raise FormatError(f"{self.path}: truncated: header claims {hlen} bytes, file has {size - 8} after the length")
+            hraw = f.read(hlen)
+        try:
+            header = json.loads(hraw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(f"{self.path}: header is not valid UTF-8 JSON ({type(e).__name__})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
+        meta = header.pop("__metadata__", {}) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise FormatError(f"{self.path}: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = meta
+        self._data_start = 8 + hlen
+        data_len = size - self._data_start
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        spans = []
+        for name, info in header.items():
+            self.entries[name] = self._check_entry(name, info, data_len)
+            spans.append((self.entries[name][2], self.entries[name][3], name))
+        spans.sort()
+        pos = 0
+        for start, end, name in spans:
+            if start != pos:
+                what = "overlaps the previous tensor" if start < pos else "leaves a gap before it"
+                raise FormatError(f"{self.path}: tensor {name!r} starts at byte {start}, which {what} (expected {pos})")
+            pos = end
+        if pos != data_len:
+            raise FormatError(f"{self.path}: tensors cover {pos} data bytes but the file holds {data_len}")
+        self._mmap: mmap.mmap | None = None
+
+    def _check_entry(self, name: str, info: Any, data_len: int) -> tuple[str, tuple[int, ...], int, int]:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise FormatError(f"{where}: header entry must be an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise FormatError(f"{where}: dtype {dtype!r} not supported (expected one of {sorted(_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(s) is int and 0 <= s <= MAX_DIM for s in shape) or len(shape) > 4:
+            raise FormatError(f"{where}: shape {shape!r} is invalid (expected up to 4 non-negative ints <= {MAX_DIM})")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+            raise FormatError(f"{where}: data_offsets {offs!r} must be two integers")
+        start, end = offs
+        if not (0 <= start <= end <= data_len):
+            raise FormatError(f"{where}: data_offsets [{start}, {end}] out of bounds (data is {data_len} bytes)")
+        n = 1
+        for s in shape:
+            n *= s
+        expected = n * _DTYPES[dtype].itemsize
+        if end - start != expected:
+            raise FormatError(f"{where}: holds {end - start} bytes, expected {expected} for {dtype} {shape}")
+        return dtype, tuple(shape), start, end
+
+    def _buffer(self) -> mmap.mmap | bytes:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                if self.path.stat().st_size == 0:
+                    return b""
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries)
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def raw(self, name: str) -> memoryview:
+        """Raw little-endian bytes of a tensor (zero-copy view of the memory map)."""
+        _, _, start, end = self.entries[name]
+        buf = self._buffer()
+        return memoryview(buf)[self._data_start + start : self._data_start + end]
+
+    def get(self, name: str) -> np.ndarray:
+        """Decoded tensor (read-only view; BF16 is widened to a float32 copy)."""
+        dtype, shape, _, _ = self.entries[name]
+        return decode_array(self.raw(name), dtype, shape)

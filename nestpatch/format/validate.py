@@ -1,0 +1,66 @@
+"""Invariants of a patch. Both the reader (on every file) and the writer (before writing) run them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from .constants import AXES, DELTA_DTYPES, MAX_DIM
+from .patch import Patch, Target
+
+
+def validate_target(t: Target, where: str = "") -> None:
+    """Raise :class:`FormatError` naming the target and the broken invariant."""
+    w = f"{where}target {t.name!r}"
+    if t.axis not in AXES:
+        raise FormatError(f"{w}: axis {t.axis!r} invalid, expected one of {AXES}")
+    if len(t.shape) != 2 or not all(isinstance(s, int) and 0 < s <= MAX_DIM for s in t.shape):
+        raise FormatError(f"{w}: shape {t.shape!r} invalid, expected two positive ints")
+    if t.delta_dtype not in DELTA_DTYPES:
+        raise FormatError(f"{w}: delta dtype {t.delta_dtype!r} invalid, expected one of {DELTA_DTYPES}")
+    idx, cl, d = np.asarray(t.indices), np.asarray(t.clusters), np.asarray(t.deltas)
+    n = idx.shape[0] if idx.ndim == 1 else -1
+    if idx.ndim != 1 or n == 0:
+        raise FormatError(f"{w}: indices must be a non-empty 1-D array, found shape {idx.shape}")
+    if not np.issubdtype(idx.dtype, np.integer) or not np.issubdtype(cl.dtype, np.integer):
+        raise FormatError(f"{w}: indices and clusters must be integers, found {idx.dtype} and {cl.dtype}")
+    if n > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+        raise FormatError(f"{w}: indices must be sorted and unique")
+    if int(idx[0]) < 0 or int(idx[-1]) >= t.n_neuron_axis:
+        raise FormatError(f"{w}: indices must lie in [0, {t.n_neuron_axis}), found [{int(idx.min())}, {int(idx.max())}]")
+    if cl.shape != (n,):
+        raise FormatError(f"{w}: clusters shape {cl.shape} does not match {n} neurons")
+    if d.ndim != 2 or d.shape[1] != t.vector_len or d.shape[0] == 0:
+        raise FormatError(f"{w}: deltas shape {d.shape} invalid, expected (K>0, {t.vector_len}) for axis {t.axis}")
+    k = d.shape[0]
+    if int(cl.min()) < 0 or int(cl.max()) >= k:
+        raise FormatError(f"{w}: cluster ids must lie in [0, {k}), found [{int(cl.min())}, {int(cl.max())}]")
+    counts = np.bincount(cl.astype(np.int64), minlength=k)
+    if (counts == 0).any():
+        raise FormatError(f"{w}: cluster {int(np.argmin(counts))} has no neurons")
+    if not np.isfinite(d).all():
+        raise FormatError(f"{w}: deltas contain NaN or infinite values")
+    if t.scales is not None:
+        s = np.asarray(t.scales)
+        if s.shape != (n,):
+            raise FormatError(f"{w}: scales shape {s.shape} does not match {n} neurons")
+        if not np.isfinite(s).all():
+            raise FormatError(f"{w}: scales contain NaN or infinite values")
+    if t.base_sketch is not None:
+        sk = np.asarray(t.base_sketch)
+        if sk.ndim != 2 or sk.shape[0] != n:
+            raise FormatError(f"{w}: base_sketch shape {sk.shape} does not match {n} neurons")
+        if not np.isfinite(sk).all():
+            raise FormatError(f"{w}: base_sketch contains NaN or infinite values")
+
+
+def validate_patch(p: Patch, where: str = "") -> None:
+    """Validate every target and the cross-target invariants (unique names, non-empty)."""
+    if not p.targets:
+        raise FormatError(f"{where}patch has no targets")
+    seen: set[str] = set()
+    for t in p.targets:
+        if t.name in seen:
+            raise FormatError(f"{where}target {t.name!r} appears twice")
+        seen.add(t.name)
+        validate_target(t, where)

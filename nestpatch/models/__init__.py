@@ -1,0 +1,1 @@
+"""Model addressing: tensor names across HF and GGUF, neuron axes, loading into torch."""

@@ -1,0 +1,1 @@
+"""nestpatch.runtime: attach/detach patches on live torch models, llama.cpp sessions, chat."""
