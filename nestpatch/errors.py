@@ -29,3 +29,7 @@ class UnsupportedError(NestpatchError):
 
 class AssetError(NestpatchError):
     """A named asset could not be fetched or failed its pinned sha256."""
+
+
+class SignatureError(NestpatchError):
+    """A patch is unsigned, signed by an untrusted key, or changed since it was signed."""

@@ -87,6 +87,9 @@ class SignatureKey:
     ALGORITHM = "algorithm"
     PUBLIC_KEY = "public_key"
     VALUE = "value"
+    #: sha256 of each metadata section as signed: an unsigned hint that lets a failed check
+    #: name the part that changed (tensors, or which sections); never used for the verdict
+    SECTIONS = "sections"
 
 
 AXIS_ROW = "row"

@@ -1,0 +1,5 @@
+"""``python -m nestpatch``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m nestpatch.cli``."""
+
+from . import main
+
+main()
