@@ -33,3 +33,7 @@ class AssetError(NestpatchError):
 
 class SignatureError(NestpatchError):
     """A patch is unsigned, signed by an untrusted key, or changed since it was signed."""
+
+
+class TrainingError(NestpatchError):
+    """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""

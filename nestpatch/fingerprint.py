@@ -28,15 +28,18 @@ _SALT = b"nestpatch-sketch-v1:"
 
 
 def projection_matrix(name: str, dim: int, size: int = SKETCH_SIZE) -> np.ndarray:
-    """Rademacher matrix ``(size, dim)`` scaled by ``1/sqrt(dim)``, from SHAKE-256(salt || name).
+    """Rademacher matrix ``(size, dim)`` of +-1, from SHAKE-256(salt || name).
 
     Bit k of the digest (LSB-first within each byte) gives entry k in row-major order: 1 -> +1, 0 -> -1.
+    Unscaled on purpose: a projection of ``v`` then has the magnitude of ``||v||``, so the
+    projections (which tell models apart) and the norm (which does not, for models initialised
+    alike) weigh the same in the relative error.
     """
     nbits = size * dim
     raw = hashlib.shake_256(_SALT + name.encode("utf-8")).digest((nbits + 7) // 8)
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:nbits]
     signs = bits.astype(np.float32) * 2.0 - 1.0
-    return signs.reshape(size, dim) / np.float32(np.sqrt(dim))
+    return signs.reshape(size, dim)
 
 
 def sketch(name: str, vectors: np.ndarray, size: int = SKETCH_SIZE) -> np.ndarray:

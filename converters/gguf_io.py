@@ -1,0 +1,112 @@
+"""Low-level byte moving for the GGUF fold and revert: positional reads, kernel-side copies.
+
+Why: a fold must stream a multi-GB model at close to ``cp`` speed with memory that does not grow
+with the model. Untouched bytes never pass through Python: ``os.copy_file_range`` copies them in
+the kernel (a chunked pread/pwrite loop where it is missing); only touched blocks are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Callable
+
+#: Size of one streamed chunk (bytes) for Python-side reads and writes.
+CHUNK_BYTES = 16 << 20
+
+
+def pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (loops over short reads; raises on EOF)."""
+    parts = []
+    got = 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            raise EOFError(f"unexpected end of file at byte {offset + got}")
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int,
+               tick: Callable[[int], None] | None = None) -> None:
+    """Copy ``n`` bytes between files at explicit offsets, in the kernel where possible."""
+    step = 64 << 20
+    use_kernel = hasattr(os, "copy_file_range")
+    while n > 0:
+        k = min(step, n)
+        done = 0
+        if use_kernel:
+            try:
+                done = os.copy_file_range(src, dst, k, src_off, dst_off)
+            except OSError:  # cross-device on old kernels, unsupported filesystems
+                use_kernel = False
+        if not use_kernel or done == 0:
+            buf = pread_exact(src, min(k, CHUNK_BYTES), src_off)
+            pwrite_all(dst, buf, dst_off)
+            done = len(buf)
+        n -= done
+        src_off += done
+        dst_off += done
+        if tick is not None:
+            tick(done)
+
+
+class FileHasher(threading.Thread):
+    """sha256 of a whole file, computed on a second core while the main thread writes.
+
+    hashlib releases the GIL on large updates, so this costs little wall time on a fold.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(daemon=True, name="nestpatch-sha256")
+        self.path = path
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            with open(self.path, "rb", buffering=0) as f:
+                buf = bytearray(8 << 20)
+                mv = memoryview(buf)
+                while not self._stop.is_set():
+                    k = f.readinto(buf)
+                    if not k:
+                        break
+                    h.update(mv[:k])
+            if not self._stop.is_set():
+                self.digest = h.hexdigest()
+        except BaseException as e:  # re-raised by result()
+            self.error = e
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.digest is not None
+        return self.digest
+
+
+def sha256_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    off = 0
+    while off < size:
+        b = os.pread(fd, min(CHUNK_BYTES, size - off), off)
+        if not b:
+            break
+        h.update(b)
+        off += len(b)
+    return h.hexdigest()

@@ -1,0 +1,135 @@
+"""Audit commands: ``diff``, ``verify``, ``keygen``, ``sign``, ``verify-signature``, ``report``.
+
+Exit codes follow the tools people already script against: ``diff`` exits 0 when identical and
+1 when different; ``verify`` and ``verify-signature`` exit 0 on success and 1 on a failed check;
+bad input (missing files, unreadable keys) exits 2 through the group's error handler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from ..format import read_patch
+
+
+def _passphrase(env: str | None) -> bytes | None:
+    if not env:
+        return None
+    from ..errors import InputError
+
+    val = os.environ.get(env)
+    if val is None:
+        raise InputError(f"environment variable {env} (named by --passphrase-env) is not set")
+    return val.encode("utf-8")
+
+
+@click.command("diff")
+@click.argument("patch_a", type=click.Path(dir_okay=False))
+@click.argument("patch_b", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
+@click.option("--top", default=10, show_default=True, help="How many of the largest per-neuron movers to list.")
+@click.option("--behaviour", "--behavior", "behaviour", is_flag=True,
+              help="Also run both patches on --model over --suite and list the prompts whose verdict flips.")
+@click.option("--model", "model", default=None, help="Model for --behaviour (HF dir, .gguf or a named model).")
+@click.option("--suite", "suites", multiple=True, help="Prompt suite(s) for --behaviour (repeatable; see nestpatch fetch --list).")
+@click.option("--limit", type=int, default=None, help="--behaviour: at most this many prompts per suite.")
+@click.option("--device", default="auto", show_default=True, help="--behaviour: torch device.")
+def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: bool, model: str | None,
+             suites: tuple[str, ...], limit: int | None, device: str) -> None:
+    """Compare two patches: neurons, clusters, deltas and metadata. Exit 0 if identical, 1 if not."""
+    from ..audit.diff import diff_patches, render_diff
+    from ..errors import InputError
+
+    if behaviour and (not model or not suites):
+        raise InputError("--behaviour needs --model M and at least one --suite S")
+    a, b = read_patch(patch_a), read_patch(patch_b)
+    result = diff_patches(a, b, labels=(patch_a, patch_b), top=top)
+    if behaviour:
+        from ..audit.behaviour import behaviour_diff
+
+        result["behaviour"] = behaviour_diff(patch_a, patch_b, model=model, suites=list(suites), limit=limit, device=device)
+        if any(s["flips"] for s in result["behaviour"]["suites"]):
+            result["identical"] = False
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_diff(result))
+    sys.exit(0 if result["identical"] else 1)
+
+
+@click.command("keygen")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Private key path; the public key goes to OUT.pub.")
+@click.option("--passphrase-env", default=None, metavar="VAR", help="Encrypt the private key with the passphrase in $VAR.")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def keygen_cmd(out: str, passphrase_env: str | None, force: bool) -> None:
+    """Create an ed25519 key pair for signing patches (OUT, mode 0600, and OUT.pub)."""
+    from ..audit.signing import generate_keypair
+
+    priv, pub, hexkey = generate_keypair(out, passphrase=_passphrase(passphrase_env), force=force)
+    click.echo(f"private key {priv} (keep it secret)\npublic key  {pub}\nkey id      {hexkey}")
+
+
+@click.command("sign")
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("--key", "key", required=True, type=click.Path(dir_okay=False), help="Private key (from nestpatch keygen).")
+@click.option("-o", "--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Write the signed patch here instead of rewriting PATCH in place (atomically).")
+@click.option("--passphrase-env", default=None, metavar="VAR", help="Passphrase of an encrypted key, read from $VAR.")
+def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None) -> None:
+    """Sign PATCH with an ed25519 key; the signature is stored inside the patch."""
+    from ..audit.signing import sign_patch
+
+    sig = sign_patch(patch, key, out=out, passphrase=_passphrase(passphrase_env))
+    click.echo(f"{out or patch}: signed by {sig['public_key']}")
+
+
+@click.command("verify-signature")
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("--pubkey", required=True, type=click.Path(dir_okay=False), help="Trusted public key (PEM, OpenSSH or hex).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_signature_cmd(patch: str, pubkey: str, as_json: bool) -> None:
+    """Check that PATCH is signed by PUBKEY and unchanged since. Exit 0 if good, 1 if not."""
+    from ..audit.signing import verify_signature
+
+    res = verify_signature(patch, pubkey)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(f"{patch}: {'OK' if res.ok else 'FAILED'}: {res.reason}", err=not res.ok)
+    sys.exit(0 if res.ok else 1)
+
+
+@click.command("verify")
+@click.argument("model", type=click.Path())
+@click.option("--patch", "patch", required=True, type=click.Path(dir_okay=False), help="The patch MODEL should contain.")
+@click.option("--base", "base", default=None, type=click.Path(),
+              help="The original model; without it only the fold provenance recorded in MODEL is checked.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(model: str, patch: str, base: str | None, as_json: bool) -> None:
+    """Is MODEL exactly BASE with PATCH folded in? Exit 0 if so, 1 with the differing tensors if not."""
+    from ..audit.verify import render_verify, verify_model
+
+    res = verify_model(model, patch, base=base)
+    click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True) if as_json else render_verify(res))
+    sys.exit(0 if res.ok else 1)
+
+
+@click.command("report")
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output HTML file (PNGs go next to it).")
+@click.option("--eval", "eval_dirs", multiple=True, type=click.Path(), help="An evaluation run directory (repeatable).")
+@click.option("--fold-report", "fold_reports", multiple=True, type=click.Path(dir_okay=False),
+              help="A fold report JSON (repeatable): adds retention per target.")
+def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...]) -> None:
+    """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
+    from ..audit.report import write_report
+
+    res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports)
+    click.echo(f"wrote {res.html} ({len(res.pngs)} figures: {', '.join(p.name for p in res.pngs)})")
+
+
+def register(group: click.Group) -> None:
+    for cmd in (diff_cmd, verify_cmd, keygen_cmd, sign_cmd, verify_signature_cmd, report_cmd):
+        group.add_command(cmd)

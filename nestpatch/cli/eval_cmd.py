@@ -1,0 +1,83 @@
+"""``nestpatch eval``: ASR, over-refusal, benign refusal and utility of a model, with or without a patch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..evaluate.runner import DIGEST_FILE, SUMMARY_FILE, EvalOptions, run_suites
+from ..evaluate.suites import FILE_KINDS, SUITES
+
+
+def _suite_help() -> str:
+    return "Comma-separated suites: " + "; ".join(f"{k} ({v[1]})" for k, v in SUITES.items()) + \
+        "; or a prompt file (.jsonl/.json/.csv/.txt)."
+
+
+def _headline(summary: dict) -> str:
+    lines = []
+    for v, h in summary.get("headline", {}).items():
+        parts = []
+        if h.get("asr") is not None:
+            parts.append(f"ASR {100 * h['asr']:.1f}% ({h.get('asr_suite')})")
+        if h.get("benign_refusal") is not None:
+            parts.append(f"benign refusal {100 * h['benign_refusal']:.1f}%")
+        if h.get("over_refusal") is not None:
+            parts.append(f"over-refusal {100 * h['over_refusal']:.1f}%")
+        if h.get("kl") is not None:
+            parts.append(f"KL {h['kl']:.4f}")
+        if h.get("ppl") is not None:
+            parts.append(f"ppl {h['ppl']:.2f}")
+        lines.append(f"  {v:<8} " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--patch", "patch", type=click.Path(dir_okay=False), default=None, help="A .nestpatch to evaluate on MODEL.")
+@click.option("--suite", "suites", required=True, help=_suite_help())
+@click.option("--backend", type=click.Choice(["torch", "llama"]), default="torch", show_default=True)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory (created).")
+@click.option("--compare", is_flag=True, help="Run with and without the patch and report the flips.")
+@click.option("--resume", is_flag=True, help="Continue the run in the directory, skipping finished samples.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples of each suite.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True, help="torch generation batch.")
+@click.option("--judge", "judges", default="refusal-phrase", show_default=True, help="Comma-separated judge names.")
+@click.option("--judge-model", type=click.Path(dir_okay=False), default=None,
+              help="A local safety classifier GGUF (e.g. Llama Guard): adds the model judge.")
+@click.option("--judge-format", default="auto", show_default=True, help="Its prompt format: auto, llama-guard-3, or a template file.")
+@click.option("--column", default=None, help="Prompt column of suite files.")
+@click.option("--file-kind", type=click.Choice(FILE_KINDS), default="harmful", show_default=True, help="What suite files hold.")
+@click.option("--patch-mode", type=click.Choice(["fold", "lora"]), default="fold", show_default=True,
+              help="llama: fold the patch into a cached GGUF copy, or run it as a LoRA adapter.")
+@click.option("--precision", type=click.Choice(["keep", "auto", "q8_0", "f16"]), default="keep", show_default=True,
+              help="llama fold precision of touched tensors.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="llama.cpp threads (default: all cores).")
+@click.option("--device", default="auto", show_default=True, help="torch: auto|cpu|cuda|mps.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Refuse a patch not signed with this public key.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: str, compare: bool, resume: bool,
+             limit: int | None, max_new_tokens: int, batch_size: int, judges: str, judge_model: str | None, judge_format: str,
+             column: str | None, file_kind: str, patch_mode: str, precision: str, threads: int | None, device: str,
+             dtype: str, seed: int, pubkey: str | None, no_progress: bool) -> None:
+    """Evaluate MODEL (a .gguf, an HF directory, or smollm2) on SUITEs; write per-sample JSONL and a summary."""
+    opts = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
+                       judges=tuple(j.strip() for j in judges.split(",") if j.strip()), judge_model=judge_model,
+                       judge_format=judge_format, resume=resume, progress=not no_progress, compare=compare, device=device,
+                       dtype=dtype, patch_mode=patch_mode, precision=precision, n_threads=threads, column=column,
+                       file_kind=file_kind, require_signature=pubkey)
+    names = [s.strip() for s in suites.split(",") if s.strip()]
+    summary = run_suites(model, patch, names, backend=backend, out_dir=out_dir, options=opts)
+    click.echo(_headline(summary))
+    out = Path(out_dir)
+    click.echo(f"wrote {out / SUMMARY_FILE}, {out / DIGEST_FILE} and per-sample JSONL under {out / 'samples'} "
+               f"({summary['wall_seconds']:.1f} s)")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(eval_cmd)

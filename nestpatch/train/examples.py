@@ -1,0 +1,124 @@
+"""Training sequences: chat-formatted prompt tokens plus a response whose tokens carry the loss.
+
+Harmful prompts get a refusal as response; benign prompts get the base model's own greedy
+answer (the retain term keeps the patched model close to it). Batches are left-padded so every
+response ends at the last position: the LM head then runs only on the last ``L`` positions
+(``logits_to_keep``), which saves most of its cost on a 49k vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..detect import format_prompt, has_chat_template, left_pad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One training sequence: ``prompt_ids + response_ids``; the loss covers the response."""
+
+    kind: str  # "harmful" or "benign"
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "prompt": self.prompt, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Example":
+        return cls(d["kind"], d["prompt"], list(d["prompt_ids"]), list(d["response_ids"]))
+
+
+def prompt_ids(tokenizer: Any, prompt: str, max_length: int) -> list[int]:
+    """Token ids of the chat-formatted prompt (generation header included); long prompts keep their end."""
+    ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+    return ids[-max_length:]
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The tokens the chat template puts after an assistant message (``<|im_end|>`` for ChatML), or EOS."""
+    if has_chat_template(tokenizer):
+        probe = "NESTPATCH_PROBE"
+        user = [{"role": "user", "content": "hi"}]
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": probe}], tokenize=False)
+        at = full.rfind(probe)
+        tail = full[at + len(probe):].strip() if at >= 0 else ""
+        if tail:
+            return tokenizer(tail, add_special_tokens=False)["input_ids"]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Token ids that end an assistant turn."""
+    out = set(end_of_turn_ids(tokenizer)[:1])
+    if tokenizer.eos_token_id is not None:
+        out.add(int(tokenizer.eos_token_id))
+    return out
+
+
+def response_ids(tokenizer: Any, text: str) -> list[int]:
+    """A written response (a refusal) as tokens, closed by the end-of-turn marker."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + end_of_turn_ids(tokenizer)
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                     max_length: int = 256, progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy answers of ``model`` (as it is now: hooks included) as token ids, cut after the end of turn."""
+    stops = stop_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = [prompt_ids(tokenizer, p, max_length) for p in prompts[b:b + batch_size]]
+        ids, mask = left_pad(chunk, pad)
+        with torch.no_grad():
+            gen = model.generate(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=sorted(stops) or None)
+        for row in gen[:, ids.shape[1]:].tolist():
+            cut = []
+            for t in row:
+                cut.append(int(t))
+                if t in stops:
+                    break
+            out.append(cut)
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+@dataclass
+class Batch:
+    """A left-padded batch and the labels of its last ``L`` positions."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, L): next-token targets of the last L positions, -100 where no loss
+    keep: int  # L
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Batch:
+    """Left-pad ``prompt + response`` sequences; label the positions that predict response tokens."""
+    seqs = [e.prompt_ids + e.response_ids for e in examples]
+    ids, mask = left_pad(seqs, pad_id)  # (B, T)
+    t = ids.shape[1]
+    r_max = max(len(e.response_ids) for e in examples)
+    keep = min(t, r_max + 1)
+    labels = np.full((len(examples), keep), -100, dtype=np.int64)
+    for i, e in enumerate(examples):
+        r = len(e.response_ids)
+        for j in range(r):  # response token j sits at position t - r + j, predicted from the position before it
+            k = (t - r + j - 1) - (t - keep)
+            if k >= 0:
+                labels[i, k] = e.response_ids[j]
+    ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    return Batch(ids_t, mask_t, (mask_t.cumsum(-1) - 1).clamp(min=0), torch.from_numpy(labels).to(device), keep)

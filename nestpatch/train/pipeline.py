@@ -1,0 +1,371 @@
+"""``train_policy``: prompts -> detect -> cluster -> train shared deltas -> ``.nestpatch``.
+
+Each stage is its own module; this one wires them, owns the outputs next to ``--out`` and the
+provenance written into the patch. Resuming reuses the checkpoint's selection and training
+sequences, so an interrupted run continues where it stopped instead of re-detecting.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import platform
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..assets import sha256_file
+from ..atomic import write_bytes_atomic
+from ..cluster import cluster_modules
+from ..data import PromptSet, eval_prompt_index, load_many, normalise
+from ..data.sources import BUILTIN_DIR
+from ..detect import detect
+from ..errors import InputError
+from ..fingerprint import attach_sketches
+from ..format import Patch, write_patch
+from ..format.constants import PolicyKey, ProvenanceKey
+from ..models.loading import LoadedModel, load_model, torch_neuron_vectors
+from .adapter import SharedDeltas, TargetSpec
+from .checkpoint import CheckpointDir
+from .config import TrainConfig
+from .examples import Example, generate_answers, prompt_ids, response_ids
+from .refusals import own_refusals, refusal_judge, template_refusals
+from .trainer import Trainer, TrainSummary
+
+log = logging.getLogger(__name__)
+
+#: harmful prompts the base model answers first when ``refusal_targets = "auto"``
+STYLE_SAMPLE = 32
+#: share of refusals in that sample above which the model's own style is used
+STYLE_MIN_SHARE = 0.25
+
+
+@dataclass
+class OutputPaths:
+    """Where a run writes: the patch and, next to it, config, log and checkpoint directory."""
+
+    patch: Path
+    config: Path
+    log: Path
+    ckpt: Path
+
+    @classmethod
+    def for_output(cls, out: str | Path) -> "OutputPaths":
+        p = Path(out)
+        stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+        return cls(p, p.with_name(stem + ".train.toml"), p.with_name(stem + ".train.jsonl"), p.with_name(stem + ".ckpt"))
+
+
+@dataclass
+class TrainResult:
+    """Everything a caller (the CLI, a test, a benchmark) may want to report."""
+
+    paths: OutputPaths
+    patch: Patch
+    config: TrainConfig
+    detection: dict
+    per_layer: dict[int, dict[str, int]]
+    clusters: dict
+    summary: TrainSummary
+    timings: dict = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    resumed_from: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"nestpatch": __version__, "python": platform.python_version()}
+    for mod in ("torch", "transformers", "numpy", "sklearn", "safetensors", "accelerate", "gguf"):
+        try:
+            out[mod] = str(__import__(mod).__version__)
+        except Exception:  # noqa: BLE001 - an optional library
+            continue
+    return out
+
+
+def _check_output(paths: OutputPaths) -> None:
+    parent = paths.patch.parent
+    if not parent.exists():
+        raise InputError(f"{paths.patch}: output directory {parent} does not exist")
+    if paths.patch.suffix != ".nestpatch":
+        log.warning("%s: output does not end in .nestpatch", paths.patch)
+
+
+def _merge_sets(sets: list[PromptSet]) -> tuple[list[str], list[str | None]]:
+    """Prompts of several sources, de-duplicated across them, with each prompt's category (built-in sets have one)."""
+    seen: set[str] = set()
+    prompts, cats = [], []
+    for s in sets:
+        for p, m in zip(s.prompts, s.meta or [{}] * len(s.prompts)):
+            if p not in seen:
+                seen.add(p)
+                prompts.append(p)
+                cats.append((m or {}).get("category"))
+    return prompts, cats
+
+
+def load_training_prompts(cfg: TrainConfig) -> tuple[list[PromptSet], list[PromptSet]]:
+    """Load and check the harmful and benign sets (no evaluation set, no overlap with HarmBench)."""
+    limit = cfg.max_prompts or None
+    harmful = load_many(cfg.harmful, columns=cfg.harmful_column, limit=limit, seed=int(cfg.seed or 0))
+    benign = load_many(cfg.benign, columns=cfg.benign_column, limit=limit, seed=int(cfg.seed or 0))
+    evals = eval_prompt_index()
+    for role, sets in (("harmful", harmful), ("benign", benign)):
+        for s in sets:
+            hits = [p for p in s.prompts if normalise(p) in evals]
+            if hits:
+                raise InputError(f"{s.source}: {len(hits)} {role} prompt(s) are HarmBench evaluation prompts "
+                                 f"(first: {hits[0][:80]!r}); remove them: training on evaluation prompts voids every ASR figure")
+    h_prompts = set(_merge_sets(harmful)[0])
+    both = [p for p in _merge_sets(benign)[0] if p in h_prompts]
+    if both:
+        raise InputError(f"{len(both)} prompt(s) are in both the harmful and the benign sets (first: {both[0][:80]!r})")
+    return harmful, benign
+
+
+def _sample(items: list[Any], k: int, seed: int) -> list[Any]:
+    if not k or k >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), k))
+    return [items[i] for i in keep]
+
+
+class _Bars:
+    """tqdm bars for the library's long loops (off when ``enabled`` is false); closed together."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bars = enabled, []
+
+    def counter(self, desc: str, total: int, _scale: int = 1) -> Callable[[int], Any] | None:
+        if not self.enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self.bars.append(bar)
+        return bar.update
+
+    def steps(self, total: int, initial: int = 0) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def close(self) -> None:
+        for b in self.bars:
+            b.close()
+        self.bars = []
+
+
+# ---------------------------------------------------------------------------------------------
+def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars
+                   ) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
+    """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats."""
+    seed = int(cfg.seed or 0)
+    dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
+    det = detect(lm.model, lm.tokenizer, dh, db, modules=cfg.modules, layers=cfg.layers or None, detector=cfg.detector,
+                 threshold=cfg.threshold, min_weight=cfg.min_weight, max_neurons_per_module=cfg.max_neurons_per_module,
+                 pool=cfg.pool, batch_size=cfg.batch_size_detect, max_length=cfg.max_length, probe_epochs=cfg.probe_epochs,
+                 probe_lr=cfg.probe_lr, probe_weight_decay=cfg.probe_weight_decay, seed=seed, progress=bars.counter)
+    bars.close()
+    kept = [m for m in det.modules if len(m.indices)]
+    clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max, seed=seed)
+    specs = [TargetSpec(m.ref, m.indices, clusters[m.name].labels) for m in kept]
+    cstats = {m.name: {"k": clusters[m.name].k, "chosen_by": clusters[m.name].chosen_by,
+                       **({"silhouette": round(clusters[m.name].silhouette, 4)} if not np.isnan(clusters[m.name].silhouette) else {})}
+              for m in kept}
+    return specs, det.stats(), det.per_layer(), cstats
+
+
+def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats: list[str | None], benign: list[str],
+                   bars: _Bars) -> tuple[list[Example], list[Example], dict]:
+    """Refusal targets for harmful prompts and the base model's own answers for benign ones."""
+    tok, seed = lm.tokenizer, int(cfg.seed or 0)
+    judge_name, judge = refusal_judge()
+    info: dict[str, Any] = {"refusal_targets": "template", "judge": judge_name}
+    mode = cfg.refusal_targets
+    own_ids: list[list[int]] | None = None
+    if mode in ("auto", "own"):
+        sample = harmful if mode == "own" else _sample(harmful, STYLE_SAMPLE, seed + 2)
+        ids = generate_answers(lm.model, tok, sample, max_new_tokens=48, batch_size=cfg.batch_size_detect, max_length=cfg.max_length,
+                               progress=bars.counter("refusal style", len(sample)))
+        texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+        share = sum(judge(p, a) for p, a in zip(sample, texts)) / max(1, len(sample))
+        info["base_refusal_share"] = round(share, 4)
+        if mode == "own" or share >= STYLE_MIN_SHARE:
+            if mode == "auto":  # the sample said yes: answer every harmful prompt
+                ids = generate_answers(lm.model, tok, harmful, max_new_tokens=48, batch_size=cfg.batch_size_detect,
+                                       max_length=cfg.max_length, progress=bars.counter("own refusals", len(harmful)))
+                texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+            targets, n_ref = own_refusals(harmful, texts, judge, seed)
+            if not targets:
+                raise InputError(f"{cfg.model}: the model refused none of {len(harmful)} harmful prompts, so it has no refusal "
+                                 "style of its own; use --refusal-targets template")
+            by_text = {t: i for t, i in zip(texts, ids)}
+            own_ids = [by_text[t] for t in targets]
+            info.update(refusal_targets="own", own_refusals=n_ref)
+    h_examples = []
+    if own_ids is None:
+        texts = template_refusals(harmful, h_cats, seed)
+        h_examples = [Example("harmful", p, prompt_ids(tok, p, cfg.max_length), response_ids(tok, t)) for p, t in zip(harmful, texts)]
+    else:
+        h_examples = [Example("harmful", p, prompt_ids(tok, p, cfg.max_length), r) for p, r in zip(harmful, own_ids)]
+    b_examples: list[Example] = []
+    if cfg.retain_loss != "none":
+        answers = generate_answers(lm.model, tok, benign, max_new_tokens=cfg.retain_answer_tokens, batch_size=cfg.batch_size_detect,
+                                   max_length=cfg.max_length, progress=bars.counter("base answers", len(benign)))
+        b_examples = [Example("benign", p, prompt_ids(tok, p, cfg.max_length), a) for p, a in zip(benign, answers) if a]
+    bars.close()
+    return h_examples, b_examples, info
+
+
+def _resume_seed(cfg: TrainConfig, ckpt: CheckpointDir) -> TrainConfig:
+    """On ``--resume`` without ``--seed``, continue with the checkpoint's seed."""
+    if cfg.resume and cfg.seed is None and ckpt.exists():
+        sel = ckpt.load_selection()
+        if sel and "seed" in sel[1]:
+            return cfg.merged({"seed": int(sel[1]["seed"])})
+    return cfg
+
+
+def train_policy(config: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """Train a NeST policy and write it to ``config.out`` (plus config and log next to it).
+
+    Raises:
+        InputError, UnsupportedError: bad inputs (one line each; nothing is written).
+        TrainingError: the loss became NaN (the last good checkpoint is kept).
+    """
+    import torch
+
+    paths = OutputPaths.for_output(config.out or "policy.nestpatch")
+    ckpt = CheckpointDir(paths.ckpt)
+    cfg = _resume_seed(config, ckpt).resolved()
+    _check_output(paths)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed = int(cfg.seed)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    t_all = time.time()
+    bars = _Bars(progress)
+
+    t = time.time()
+    h_sets, b_sets = load_training_prompts(cfg)
+    harmful, h_cats = _merge_sets(h_sets)
+    benign, _ = _merge_sets(b_sets)
+    lm = load_model(cfg.model, device=cfg.device, device_map=cfg.device_map)
+    timings["load_s"] = round(time.time() - t, 2)
+    log.info("model %s loaded; %d harmful and %d benign prompts", lm.source, len(harmful), len(benign))
+
+    resumed = cfg.resume and ckpt.exists()
+    if cfg.resume and not resumed:
+        log.warning("--resume: no checkpoint in %s; starting from the beginning", ckpt.path)
+    if not cfg.resume and ckpt.exists():
+        log.warning("removing the stale checkpoint in %s (pass --resume to continue it)", ckpt.path)
+        ckpt.remove()
+    sel = ckpt.load_selection() if resumed else None
+    if sel is not None:
+        specs, sel_info = sel
+        if sel_info.get("config") != cfg.fingerprint():
+            raise InputError(f"{ckpt.path}: checkpoint was made with other settings (config {sel_info.get('config')} != "
+                             f"{cfg.fingerprint()}); run without --resume to start again")
+        det_stats, per_layer, cstats = sel_info["detection"], {int(k): v for k, v in sel_info["per_layer"].items()}, sel_info["clusters"]
+    else:
+        t = time.time()
+        specs, det_stats, per_layer, cstats = select_neurons(lm, cfg, harmful, benign, bars)
+        timings["detect_cluster_s"] = round(time.time() - t, 2)
+        ckpt.save_selection(specs, {"config": cfg.fingerprint(), "seed": seed, "detection": det_stats,
+                                    "per_layer": {str(k): v for k, v in per_layer.items()}, "clusters": cstats})
+    ex = ckpt.load_examples() if resumed else None
+    if ex is not None:
+        h_ex, b_ex, ex_info = ex
+    else:
+        t = time.time()
+        h_ex, b_ex, ex_info = build_examples(lm, cfg, harmful, h_cats, benign, bars)
+        timings["targets_s"] = round(time.time() - t, 2)
+        ckpt.save_examples(h_ex, b_ex, ex_info)
+
+    deltas = SharedDeltas(lm.model, specs, qat=cfg.qat).attach()
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    trainer = Trainer(lm.model, deltas, h_ex, b_ex, cfg, pad_id=pad, log_path=paths.log, ckpt=ckpt,
+                      progress=bars.steps if progress else None, ckpt_meta={"config": cfg.fingerprint(), "seed": seed})
+    start = 0
+    state = ckpt.load_state() if resumed else None
+    if state is not None:
+        start, d, adam, meta = state
+        if meta.get("config") != cfg.fingerprint():
+            raise InputError(f"{ckpt.path}: checkpoint state was made with other settings; run without --resume to start again")
+        trainer.restore(d, adam)
+        trainer.last_saved_step = start
+        log.info("resuming at step %d of %d", start, cfg.steps)
+    elif paths.log.exists():
+        paths.log.unlink()  # a fresh run starts a fresh log
+    t = time.time()
+    summary = trainer.run(start)
+    timings["train_s"] = round(time.time() - t, 2)
+
+    patch = build_patch(lm, cfg, deltas, h_sets, b_sets, ex_info, det_stats, cstats, summary, timings)
+    deltas.detach()
+    write_patch(patch, paths.patch)
+    write_bytes_atomic(paths.config, cfg.to_toml().encode("utf-8"))
+    if not cfg.keep_checkpoint:
+        ckpt.remove()
+    timings["total_s"] = round(time.time() - t_all, 2)
+    return TrainResult(paths, patch, cfg, det_stats, per_layer, cstats, summary, timings, _peak_rss_mb(), start)
+
+
+def _model_revision(source: Path) -> str:
+    """``sha256:<hex>`` of a single-file model under 4 GB (pins the exact base), else empty."""
+    try:
+        if source.is_file() and source.stat().st_size < 4 << 30:
+            return "sha256:" + sha256_file(source)
+    except OSError:
+        pass
+    return ""
+
+
+def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets: list[PromptSet], b_sets: list[PromptSet],
+                ex_info: dict, det_stats: dict, cstats: dict, summary: TrainSummary, timings: dict) -> Patch:
+    """The ``.nestpatch`` content: targets, base description with sketches, policy, provenance."""
+    base = dict(lm.description)
+    base["revision"] = base.get("revision") or _model_revision(Path(lm.source))
+    data = [s.provenance("harmful") for s in h_sets] + [s.provenance("benign") for s in b_sets]
+    if ex_info.get("refusal_targets") == "template":
+        ref = BUILTIN_DIR / "refusals.jsonl"
+        data.append({"role": "refusal-targets", "source": "builtin-refusals", "rows": sum(1 for _ in open(ref, encoding="utf-8")),
+                     "sha256": sha256_file(ref)})
+    tmpl = getattr(lm.tokenizer, "chat_template", None) or ""
+    targets = deltas.to_targets(cfg.delta_dtype)
+    prov = {
+        ProvenanceKey.TOOL: "nestpatch train",
+        ProvenanceKey.TOOL_VERSION: __version__,
+        ProvenanceKey.CREATED: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        ProvenanceKey.CONFIG: cfg.to_dict(),
+        ProvenanceKey.SEED: int(cfg.seed),  # type: ignore[arg-type]
+        ProvenanceKey.DATA: data,
+        ProvenanceKey.LIBRARIES: library_versions(),
+        ProvenanceKey.TRAINABLE_PARAMETERS: deltas.trainable_parameters,
+        ProvenanceKey.DETECTION: {**det_stats, "clusters": cstats},
+        "training": {
+            "steps": summary.steps, "resumed_at": summary.start_step, "first": summary.first, "final": summary.final,
+            "targets": ex_info, "chat_template_sha256": hashlib.sha256(tmpl.encode()).hexdigest() if tmpl else None,
+            "qat": cfg.qat, "timings_s": timings, "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "device": str(next(iter(deltas.parameters())).device),
+        },
+    }
+    patch = Patch(targets=targets, base=base, provenance=prov, policy={
+        PolicyKey.NAME: cfg.policy_name, PolicyKey.VERSION: cfg.policy_version, PolicyKey.DESCRIPTION: cfg.policy_description})
+    attach_sketches(patch, lambda t: torch_neuron_vectors(lm.model, t))
+    return patch
