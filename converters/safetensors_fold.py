@@ -180,8 +180,9 @@ def _write_shard(src: Shard, dst: Path, header: dict, edits: list[tuple[str, np.
     """Write ``header`` + ``src``'s data section to ``dst``, apply ``edits``, return sha256 of ``src``.
 
     ``edits``: (tensor, indices, values (n, d) in storage dtype, axis). The source hash is taken
-    while copying, so each shard is read once.
+    while copying, so each shard is read once, and recorded as ``nestpatch.source_sha256``.
     """
+    header["__metadata__"][FoldKey.SOURCE_SHA256] = "0" * 64  # placeholder of the same length, filled below
     hbytes = encode_header(header)
     h = hashlib.sha256()
     with open(src.path, "rb") as fin, open(dst, "wb") as fout:
@@ -190,6 +191,11 @@ def _write_shard(src: Shard, dst: Path, header: dict, edits: list[tuple[str, np.
         while chunk := fin.read(_CHUNK):
             h.update(chunk)
             fout.write(chunk)
+        header["__metadata__"][FoldKey.SOURCE_SHA256] = h.hexdigest()
+        final = encode_header(header)
+        assert len(final) == len(hbytes)
+        fout.seek(8)
+        fout.write(final)
     if edits:
         data_start = 8 + len(hbytes)
         with open(dst, "r+b") as f:
@@ -213,7 +219,7 @@ def _provenance(patch: Patch, digest: str, tensors: list[str], sidecar: str) -> 
         FoldKey.POLICY_VERSION: str(patch.policy.get(PolicyKey.VERSION, "")),
         FoldKey.TOOL_VERSION: __version__,
         FoldKey.PRECISION: "keep",
-        FoldKey.TARGETS: json.dumps(sorted(tensors)),
+        FoldKey.TARGETS: json.dumps(sorted(tensors)),  # all tensors of the fold, in every rewritten shard
         FoldKey.REVERT: json.dumps({"method": REVERT_METHOD, "sidecar": sidecar}),
     }
 
@@ -282,10 +288,12 @@ def _write(layout: ModelLayout, patch: Patch, plans: list[_Plan], out: Path, dig
         side_tensors[f"{key}.indices"] = ("I32", p.indices.astype(np.int32))
         side_tensors[f"{key}.orig"] = ("U8", np.ascontiguousarray(p.orig).view(np.uint8).reshape(len(p.indices), -1))
 
+    all_tensors = [p.tensor for p in plans]  # every rewritten shard lists the whole fold
+
     def fold_file(fname: str, dst: Path, out_name: str) -> None:
         src = layout.shard(fname)
         fplans = by_file[fname]
-        header = {"__metadata__": {**src.metadata, **_provenance(patch, digest, [p.tensor for p in fplans], side_name)}}
+        header = {"__metadata__": {**src.metadata, **_provenance(patch, digest, all_tensors, side_name)}}
         header.update({k: v for k, v in src.header.items() if k != "__metadata__"})
         dst.parent.mkdir(parents=True, exist_ok=True)
         sha = _write_shard(src, dst, header, [(p.tensor, p.indices, p.new, p.target.axis) for p in fplans])

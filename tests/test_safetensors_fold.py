@@ -98,8 +98,9 @@ def test_fold_equals_float_reference_and_reverts_exactly(hf_dirs, pico_patch, tm
             rewritten.add(f)
             assert meta["format"] == "pt"  # existing metadata kept
             assert meta[FoldKey.PATCH_DIGEST] == compute_digest(pico_patch)
-            assert set(json.loads(meta[FoldKey.TARGETS])) == hits
+            assert set(json.loads(meta[FoldKey.TARGETS])) == touched  # the whole fold, in every shard
             assert meta[FoldKey.POLICY_NAME] == pico_patch.policy["name"]
+            assert meta[FoldKey.SOURCE_SHA256] == before[f]
             assert os.stat(out / f).st_ino != os.stat(src / f).st_ino
         else:
             assert FoldKey.PATCH_DIGEST not in meta
