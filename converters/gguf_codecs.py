@@ -53,16 +53,17 @@ def qtype_of(name_or_type: str | int | QType) -> QType:
 
 def block_size(qtype: QType) -> int:
     """Values per block (1 for float types, 32 for legacy quants, 256 for K-quants)."""
-    return GGML_QUANT_SIZES[qtype][0]
+    return GGML_QUANT_SIZES[qtype_of(qtype)][0]
 
 
 def type_size(qtype: QType) -> int:
     """Bytes per block."""
-    return GGML_QUANT_SIZES[qtype][1]
+    return GGML_QUANT_SIZES[qtype_of(qtype)][1]
 
 
 def row_bytes(qtype: QType, n: int) -> int:
     """Bytes of one encoded row of ``n`` values (``n`` must be a multiple of the block size)."""
+    qtype = qtype_of(qtype)
     bs, ts = GGML_QUANT_SIZES[qtype]
     if n % bs:
         raise UnsupportedError(f"{qtype.name}: row length {n} is not a multiple of the block size {bs}")
@@ -204,4 +205,38 @@ def _ggml_quantize(a: np.ndarray, qtype: QType) -> np.ndarray:
     written = lib.ggml_quantize_chunk(int(qtype), a.ctypes.data, out.ctypes.data, 0, rows, n, None)
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
+    return out
+
+
+class _TypeTraits(ctypes.Structure):
+    """``struct ggml_type_traits`` (ggml.h): only ``to_float`` is used."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def ggml_dequantize(raw: np.ndarray, qtype: QType, n: int) -> np.ndarray:
+    """Decode rows with libggml's own ``to_float`` (reference for tests), float32 ``(rows, n)``."""
+    qtype = qtype_of(qtype)
+    lib = _ggml()
+    if lib is None:
+        raise UnsupportedError("libggml not available (pip install 'nestpatch[llama]')")
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    traits = lib.ggml_get_type_traits(int(qtype)).contents
+    if int(traits.blck_size) != block_size(qtype) or int(traits.type_size) != type_size(qtype) or not traits.to_float:
+        raise UnsupportedError(f"libggml's traits for {qtype.name} do not match gguf-py's")
+    src = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, row_bytes(qtype, n))
+    out = np.empty((src.shape[0], n), dtype=np.float32)
+    _TO_FLOAT(traits.to_float)(src.ctypes.data, out.ctypes.data, out.size)
     return out

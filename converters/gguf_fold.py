@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 QType = codecs.QType
 PRECISIONS = ("keep", "auto", "q8_0", "f16")
-ProgressArg = "bool | Callable[[int, int], None]"
 
 __all__ = ["fold_gguf", "revert_gguf", "PRECISIONS"]
 
@@ -294,7 +293,8 @@ def _build_payload(fd: int, layout: GGUFLayout, slots: list[_Slot]) -> tuple[_Pa
         else:
             entry["mode"] = "blocks"
             entry["rows"] = None if reg.all_rows else [int(r) for r in reg.rows]
-            entry["blocks"] = [int(b) for b in reg.blocks]
+            full = reg.blocks.shape[0] == reg.info.row_len // reg.bs
+            entry["blocks"] = None if full else [int(b) for b in reg.blocks]
             entry["payload"] = pay.add_bytes(np.ascontiguousarray(reg.raw).tobytes())
         tensors.append(entry)
     rec["tensors"] = tensors

@@ -71,7 +71,7 @@ class FileHasher(threading.Thread):
         self.path = path
         self.digest: str | None = None
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._cancelled = threading.Event()
 
     def run(self) -> None:
         try:
@@ -79,18 +79,18 @@ class FileHasher(threading.Thread):
             with open(self.path, "rb", buffering=0) as f:
                 buf = bytearray(8 << 20)
                 mv = memoryview(buf)
-                while not self._stop.is_set():
+                while not self._cancelled.is_set():
                     k = f.readinto(buf)
                     if not k:
                         break
                     h.update(mv[:k])
-            if not self._stop.is_set():
+            if not self._cancelled.is_set():
                 self.digest = h.hexdigest()
         except BaseException as e:  # re-raised by result()
             self.error = e
 
     def cancel(self) -> None:
-        self._stop.set()
+        self._cancelled.set()
 
     def result(self) -> str:
         self.join()

@@ -240,6 +240,26 @@ def _parse(buf: bytes, path: Path, file_size: int) -> GGUFLayout:
         value = _read_value(c, vtype, key)
         kvs.append(KVEntry(key, vtype, start, c.pos, value))
     infos_start = c.pos
+    tensors = _parse_infos(c, n_tensors)
+    infos_end = c.pos
+    alignment = DEFAULT_ALIGNMENT
+    for e in kvs:
+        if e.key == ALIGNMENT_KEY and e.value is not None:
+            alignment = int(e.value)
+    if alignment <= 0 or alignment % 8:
+        raise FormatError(f"{path}: general.alignment {alignment} invalid (expected a positive multiple of 8)")
+    data_start = align(infos_end, alignment)
+    for t in tensors:
+        if t.offset % alignment:
+            raise FormatError(f"{path}: tensor {t.name}: data offset {t.offset} is not aligned to {alignment}")
+        end = data_start + t.offset + t.nbytes
+        if end > file_size:
+            raise FormatError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end}, the file has {file_size}")
+    return GGUFLayout(path, version, kvs, tensors, kv_start, infos_start, infos_end, alignment, data_start, file_size)
+
+
+def _parse_infos(c: _Cursor, n_tensors: int) -> list[TensorInfo]:
+    path = c.path
     tensors: list[TensorInfo] = []
     for i in range(n_tensors):
         start = c.pos
@@ -257,21 +277,19 @@ def _parse(buf: bytes, path: Path, file_size: int) -> GGUFLayout:
         if qtype not in GGML_QUANT_SIZES or ne[0] % GGML_QUANT_SIZES[qtype][0]:
             raise FormatError(f"{path}: tensor {name}: row length {ne[0]} invalid for type {qtype.name}")
         tensors.append(TensorInfo(name, ne, qtype, int(offset), start, c.pos))
-    infos_end = c.pos
-    alignment = DEFAULT_ALIGNMENT
-    for e in kvs:
-        if e.key == ALIGNMENT_KEY and e.value is not None:
-            alignment = int(e.value)
-    if alignment <= 0 or alignment % 8:
-        raise FormatError(f"{path}: general.alignment {alignment} invalid (expected a positive multiple of 8)")
-    data_start = align(infos_end, alignment)
-    for t in tensors:
-        if t.offset % alignment:
-            raise FormatError(f"{path}: tensor {t.name}: data offset {t.offset} is not aligned to {alignment}")
-        end = data_start + t.offset + t.nbytes
-        if end > file_size:
-            raise FormatError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end}, the file has {file_size}")
-    return GGUFLayout(path, version, kvs, tensors, kv_start, infos_start, infos_end, alignment, data_start, file_size)
+    return tensors
+
+
+def parse_tensor_infos(buf: bytes, n_tensors: int, path: Path) -> list[TensorInfo]:
+    """Tensor infos from a buffer holding exactly the info section (spans relative to ``buf``)."""
+    c = _Cursor(buf, path)
+    try:
+        infos = _parse_infos(c, n_tensors)
+    except _Short as e:
+        raise FormatError(f"{path}: tensor info section is truncated ({e.what})") from None
+    if c.pos != len(buf):
+        raise FormatError(f"{path}: tensor info section has {len(buf) - c.pos} stray bytes")
+    return infos
 
 
 # ------------------------------------------------------------------------------------------- encoding

@@ -12,7 +12,6 @@ Only these blocks are decoded, changed and re-encoded; every other byte of the t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,5 +157,3 @@ def read_rows(fd: int, data_start: int, info: TensorInfo, r0: int, r1: int) -> n
     return np.frombuffer(buf, dtype=np.uint8).reshape(r1 - r0, rb)
 
 
-def os_fd_size(fd: int) -> int:
-    return os.fstat(fd).st_size

@@ -104,7 +104,7 @@ def _torch_engine(path: Path, patch: Patch | None, *, device: str, dtype: str, v
 
 
 def open_chat(model: str | os.PathLike, patch: Patch | str | os.PathLike | None = None, *, backend: str = "auto",
-              patch_mode: str = "lora", n_threads: int | None = None, n_ctx: int = 4096, device: str = "auto",
+              patch_mode: str = "lora", n_threads: int | None = None, n_ctx: int = 2048, device: str = "auto",
               dtype: str = "float32", verify_base: bool = True, require_signature: Any = None) -> ChatEngine:
     """Open ``model`` for chat on ``backend`` (``auto``: llama.cpp for a .gguf, else torch).
 

@@ -26,8 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from nestpatch.errors import InputError, UnsupportedError
-from nestpatch.format.constants import AXIS_ROW
-from nestpatch.format.patch import Patch, Target
+from nestpatch.format.patch import Patch
 
 log = logging.getLogger(__name__)
 
@@ -79,41 +78,15 @@ def template_digest(template: str | None) -> str | None:
 # ----------------------------------------------------------------------------- GGUF fingerprinting
 
 
-def gguf_neuron_vectors(path: str | os.PathLike) -> Callable[[Target], np.ndarray]:
-    """A ``get_vectors`` for :func:`nestpatch.fingerprint.check_base` reading a GGUF file.
+def check_gguf_base(patch: Patch, path: str | os.PathLike) -> None:
+    """Refuse a GGUF model the patch was not made for (sizes, shapes, fingerprint).
 
-    Dequantizes only the tensors the patch names (one at a time). Neuron j is row j of
-    ffn_gate/ffn_up and column j of ffn_down in the numpy view of the GGUF tensor.
+    Reads the GGUF header and only the touched tensors' bytes (the converters' reader: fast
+    even for the tokenizer arrays that make gguf-py's reader slow).
     """
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from nestpatch.converters.lora_export import check_against_base
 
-    from nestpatch.models.naming import hf_to_gguf
-
-    reader = GGUFReader(str(path))
-    tensors = {t.name: t for t in reader.tensors}
-
-    def get(target: Target) -> np.ndarray:
-        name = hf_to_gguf(target.name)
-        t = tensors.get(name)
-        if t is None:
-            raise UnsupportedError(f"{path}: no tensor {name} (for {target.name})")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # numpy view (out, in)
-        if tuple(w.shape) != tuple(target.shape):
-            from nestpatch.errors import BaseMismatchError
-
-            raise BaseMismatchError(f"{path}: tensor {name}: shape {tuple(w.shape)} != patch shape {tuple(target.shape)}")
-        idx = np.asarray(target.indices, dtype=np.int64)
-        return w[idx, :] if target.axis == AXIS_ROW else w[:, idx].T  # (n, d)
-
-    return get
-
-
-def check_gguf_base(patch: Patch, path: str | os.PathLike) -> dict[str, float]:
-    """Refuse a GGUF model the patch was not made for (fingerprint); relative error per target."""
-    from nestpatch.fingerprint import check_base
-
-    return check_base(patch, gguf_neuron_vectors(path), str(path))
+    check_against_base(patch, path)
 
 
 # -------------------------------------------------------------------------------- derived files
@@ -158,8 +131,9 @@ def lora_adapter(patch: Patch, base: str | os.PathLike | None = None, *, cache_d
     """The patch exported as a llama.cpp LoRA adapter GGUF (made once, then cached)."""
     from nestpatch.converters.lora_export import export_gguf_lora
 
-    out = Path(cache_dir or derived_cache_dir()) / f"lora.{_patch_key(patch)}.gguf"
-    if not out.exists():
+    key = _file_key(Path(base)) if base is not None else "nobase"
+    out = Path(cache_dir or derived_cache_dir()) / f"lora.{key}.{_patch_key(patch)}.gguf"
+    if not out.exists():  # the export checks the patch against ``base``; a cached file was checked
         log.info("exporting the patch as a LoRA adapter -> %s", out)
         export_gguf_lora(patch, out, base=base)
     return out
@@ -176,7 +150,7 @@ class LlamaSession:
         model_path: the GGUF to load: a base model (then ``patch`` may be given), or a file
             already folded by ``nestpatch apply``.
         patch: a patch to run with, made for ``model_path``; checked against the model's
-            fingerprint unless ``verify_base`` is False.
+            fingerprint (a fold always checks; ``verify_base=False`` skips it for LoRA only).
         patch_mode: ``"fold"`` (fold into a cached copy of the model and load that) or ``"lora"``
             (load the base and the patch as a LoRA adapter, switchable in place).
         lora_path: a ready LoRA adapter GGUF (from ``nestpatch export-lora``) instead of a patch.
@@ -201,7 +175,6 @@ class LlamaSession:
     verbose: bool = False
     base_path: Path = field(init=False)
     loaded_path: Path = field(init=False)
-    fingerprint_errors: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         from nestpatch.assets import resolve_model
@@ -221,12 +194,12 @@ class LlamaSession:
                 from nestpatch.runtime.attach import verify_signature
 
                 verify_signature(self.patch, self.require_signature)
-            if self.verify_base:
-                self.fingerprint_errors = check_gguf_base(self.patch, self.base_path)
+            # No separate fingerprint check: the fold and the LoRA export both check the patch
+            # against this model before writing anything (and cache per model file and patch).
             if self.patch_mode == "fold":
                 self.loaded_path = folded_model(self.base_path, self.patch, precision=self.precision, cache_dir=self.cache_dir)
             else:
-                lora = lora_adapter(self.patch, self.base_path, cache_dir=self.cache_dir)
+                lora = lora_adapter(self.patch, self.base_path if self.verify_base else None, cache_dir=self.cache_dir)
         if lora is not None and not lora.is_file():
             raise InputError(f"{lora}: no such LoRA adapter file")
         self.lora_file = lora
@@ -439,4 +412,4 @@ def _load_llama(path: Path, *, lora: Path | None, n_ctx: int, n_threads: int, lo
 
 
 __all__ = ["LlamaSession", "Generation", "open_session", "render_chat_template", "check_gguf_base",
-           "gguf_neuron_vectors", "folded_model", "lora_adapter", "template_digest"]
+           "folded_model", "lora_adapter", "template_digest"]

@@ -142,6 +142,12 @@ def test_gguf_apply_and_revert(workdir, pico_gguf):
     res = run("revert", workdir / "folded.gguf", "-o", workdir / "back.gguf")
     assert res.exit_code == 0, res.output
     assert sha(workdir / "back.gguf") == sha(src)
+    (workdir / "outdir").mkdir()
+    res = run("apply", src, workdir / "pico.nestpatch", "-o", workdir / "outdir")  # a directory receives MODEL's name
+    assert res.exit_code == 0 and (workdir / "outdir" / "pico.gguf").is_file()
+    assert_one_line_error(run("apply", workdir / "folded.gguf", "-o", workdir / "twice.gguf"), "already carries a folded patch")
+    res = run("apply", src, "--in-place")
+    assert res.exit_code == 0 and sha(src) == sha(workdir / "outdir" / "pico.gguf")  # same fold (keep), deterministic
 
 
 def test_real_process_exit_code(workdir):

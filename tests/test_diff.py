@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,3 +207,61 @@ def test_missing_file_is_a_user_error(pair_files: tuple[Path, Path], tmp_path: P
     assert r.exit_code == 2 and "nope.nestpatch: no such file" in r.output
     r = CliRunner().invoke(cli, ["diff", str(pa), str(pa), "--behaviour"])
     assert r.exit_code == 2 and "--behaviour needs --model" in r.output
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def _blank_reply_patch(model: Any, tokenizer: Any, layer: int = 1, n: int = 32, k: float = 4.0) -> Patch:
+    """A real patch that makes the model answer with blank lines (the judge counts that as a refusal).
+
+    For neurons S of the last MLP: gate rows scaled by k and up rows set to k x the gate rows, so
+    each neuron's activation silu(k g) * k g is >= 0 and large for half the tokens; the down columns
+    of S then all add one shared vector along the embedding of "\\n\\n" (tied embeddings), which
+    wins the argmax at every position.
+    """
+    from nestpatch.models.loading import describe_model
+
+    def w(name: str) -> np.ndarray:
+        return model.get_parameter(name).detach().float().numpy()
+
+    s = np.arange(n, dtype=np.int32)
+    g, u, d = (f"model.layers.{layer}.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj"))
+    nl = tokenizer.encode("\n\n")[0]
+    e = w("model.embed_tokens.weight")[nl]
+
+    def target(name: str, deltas: np.ndarray, clusters: np.ndarray) -> Target:
+        axis = "col" if name == d else "row"
+        vecs = w(name)[s, :] if axis == "row" else w(name)[:, s].T
+        return Target(name=name, axis=axis, shape=tuple(w(name).shape), indices=s, clusters=clusters.astype(np.int32),
+                      deltas=deltas.astype(np.float32), base_sketch=sketch(name, vecs))
+
+    return Patch(targets=[
+        target(g, (k - 1) * w(g)[s], np.arange(n)),
+        target(u, k * w(g)[s] - w(u)[s], np.arange(n)),
+        target(d, (3.0 * e / np.linalg.norm(e))[None, :], np.zeros(n)),
+    ], base=describe_model(model, name="pico-llama"), policy={"name": "blank", "version": "2"})
+
+
+def test_behaviour_diff_on_pico(tmp_path: Path, pico_model: Any, pico_hf_dir: Path) -> None:
+    from nestpatch.testing import random_patch, smollm2_tokenizer
+
+    pa = write_patch(random_patch(pico_model, seed=1, scale=0.01), tmp_path / "a.nestpatch")
+    pb = write_patch(_blank_reply_patch(pico_model, smollm2_tokenizer()), tmp_path / "b.nestpatch")
+    r = CliRunner().invoke(cli, ["diff", str(pa), str(pb), "--json", "--behaviour", "--model", str(pico_hf_dir),
+                                 "--suite", "harmbench,benign", "--limit", "2", "--max-new-tokens", "4",
+                                 "--device", "cpu", "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 1, r.output
+    beh = json.loads(r.output[r.output.index("{"):])["behaviour"]
+    assert beh["judge"] == "refusal-phrase"
+    s = {x["suite"]: x for x in beh["suites"]}
+    # A (tiny random deltas) babbles: every prompt "answered"; B answers blank lines: "refused"
+    assert (s["harmbench"]["n"], s["harmbench"]["flips"], s["harmbench"]["to_safe"], s["harmbench"]["to_unsafe"]) == (2, 2, 2, 0)
+    assert (s["harmbench"]["rate_a"], s["harmbench"]["rate_b"]) == (1.0, 0.0)
+    assert (s["benign"]["flips"], s["benign"]["to_refused"], s["benign"]["rate_b"]) == (2, 2, 1.0)
+    ex = s["benign"]["examples"][0]
+    assert ex["a"] == "complied" and ex["b"] == "refused" and ex["reply_b"].strip() == "" and ex["reply_a"].strip()
+    # the runs are kept where asked, with the per-sample records the flips were computed from
+    assert (tmp_path / "runs" / "A" / "summary.json").is_file() and (tmp_path / "runs" / "B" / "summary.json").is_file()
+    text = render_diff({**diff_patches(read_patch(pa), read_patch(pb)), "behaviour": beh})
+    assert "suite harmbench (harmful): 2 of 2 verdicts flip (2 now refused, 0 now answered); asr A 1.000 -> B 0.000" in text

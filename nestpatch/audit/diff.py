@@ -445,11 +445,14 @@ def render_diff(r: dict) -> str:
 
 def render_behaviour(beh: dict) -> list[str]:
     """Lines for the ``--behaviour`` part (verdict flips between A and B)."""
-    lines = [f"behaviour on {beh.get('model', '?')} (judge {beh.get('judge', '?')}):"]
+    lines = [f"behaviour on {beh.get('model', '?')} ({beh.get('backend', '?')}, judge {beh.get('judge', '?')}):"]
     for s in beh.get("suites", []):
-        lines.append(f"  suite {s['suite']}: {s['flips']} of {s['n']} verdicts flip "
-                     f"({s['to_unsafe']} become unsafe, {s['to_safe']} become safe); "
-                     f"{s.get('metric', 'rate')} A {_fmt(s.get('rate_a'), '.3f')} -> B {_fmt(s.get('rate_b'), '.3f')}")
+        if s["kind"] == "harmful":
+            what = f"{s['to_safe']} now refused, {s['to_unsafe']} now answered"
+        else:
+            what = f"{s['to_refused']} now refused, {s['to_complied']} now answered"
+        lines.append(f"  suite {s['suite']} ({s['kind']}): {s['flips']} of {s['n']} verdicts flip ({what}); "
+                     f"{s['metric']} A {_fmt(s.get('rate_a'), '.3f')} -> B {_fmt(s.get('rate_b'), '.3f')}")
         for f in s.get("examples", []):
-            lines.append(f"    [{f['a']} -> {f['b']}] {_short(f['prompt'], 90)}")
+            lines.append(f"    [{f['a']} -> {f['b']}] {f['id']}: {_short(f['prompt'], 90)}")
     return lines

@@ -72,7 +72,7 @@ def neurons_heatmap(per_target: Sequence[dict], n_layers: int | None) -> bytes:
     if n <= 40:
         vmax = grid.max() or 1
         for (r, c), v in np.ndenumerate(grid):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color="white" if v < 0.6 * vmax else "black")
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=10 if n <= 12 else 7, color="white" if v < 0.6 * vmax else "black")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="neurons")
     return _png(fig)
 

@@ -37,9 +37,15 @@ def _passphrase(env: str | None) -> bytes | None:
 @click.option("--model", "model", default=None, help="Model for --behaviour (HF dir, .gguf or a named model).")
 @click.option("--suite", "suites", multiple=True, help="Prompt suite(s) for --behaviour (repeatable; see nestpatch fetch --list).")
 @click.option("--limit", type=int, default=None, help="--behaviour: at most this many prompts per suite.")
+@click.option("--backend", type=click.Choice(["torch", "llama"]), default="torch", show_default=True,
+              help="--behaviour: run through transformers (torch) or llama.cpp (a .gguf model).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="--behaviour: reply length cap.")
 @click.option("--device", default="auto", show_default=True, help="--behaviour: torch device.")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+              help="--behaviour: keep both evaluation runs here (A/ and B/) instead of a temporary directory.")
 def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: bool, model: str | None,
-             suites: tuple[str, ...], limit: int | None, device: str) -> None:
+             suites: tuple[str, ...], limit: int | None, backend: str, max_new_tokens: int, device: str,
+             runs_dir: str | None) -> None:
     """Compare two patches: neurons, clusters, deltas and metadata. Exit 0 if identical, 1 if not."""
     from ..audit.diff import diff_patches, render_diff
     from ..errors import InputError
@@ -51,7 +57,9 @@ def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: boo
     if behaviour:
         from ..audit.behaviour import behaviour_diff
 
-        result["behaviour"] = behaviour_diff(patch_a, patch_b, model=model, suites=list(suites), limit=limit, device=device)
+        names = [x for s in suites for x in s.split(",") if x]
+        result["behaviour"] = behaviour_diff(patch_a, patch_b, model=model, suites=names, limit=limit, device=device,
+                                             backend=backend, runs_dir=runs_dir, max_new_tokens=max_new_tokens)
         if any(s["flips"] for s in result["behaviour"]["suites"]):
             result["identical"] = False
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_diff(result))
@@ -106,12 +114,13 @@ def verify_signature_cmd(patch: str, pubkey: str, as_json: bool) -> None:
 @click.option("--patch", "patch", required=True, type=click.Path(dir_okay=False), help="The patch MODEL should contain.")
 @click.option("--base", "base", default=None, type=click.Path(),
               help="The original model; without it only the fold provenance recorded in MODEL is checked.")
+@click.option("--exact", is_flag=True, help="Quantized tensors must be byte-identical to a re-run fold too (no re-encoding tolerance).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_cmd(model: str, patch: str, base: str | None, as_json: bool) -> None:
+def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: bool) -> None:
     """Is MODEL exactly BASE with PATCH folded in? Exit 0 if so, 1 with the differing tensors if not."""
     from ..audit.verify import render_verify, verify_model
 
-    res = verify_model(model, patch, base=base)
+    res = verify_model(model, patch, base=base, exact=exact)
     click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True) if as_json else render_verify(res))
     sys.exit(0 if res.ok else 1)
 

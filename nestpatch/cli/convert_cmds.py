@@ -111,7 +111,10 @@ def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in
     if _is_gguf(model_path):
         from ..converters.gguf_fold import fold_gguf
 
-        report = fold_gguf(model_path, p, model_path if in_place else Path(out), precision=precision, progress=show)
+        target = model_path if in_place else Path(out)
+        if target.is_dir():
+            target = target / model_path.name
+        report = fold_gguf(model_path, p, target, precision=precision, progress=show)
     else:
         if precision not in ("keep", "auto"):
             raise InputError(f"{model_path}: --precision {precision} applies to GGUF models; a safetensors fold keeps each tensor's dtype")
@@ -135,7 +138,10 @@ def revert_cmd(patched: str, out: str) -> None:
     if _is_gguf(path):
         from ..converters.gguf_fold import revert_gguf
 
-        result = revert_gguf(path, Path(out))
+        target = Path(out) / path.name if Path(out).is_dir() else Path(out)
+        if target.exists() and os.path.samefile(target, path):
+            raise InputError(f"{target}: output is the folded model itself; choose another output")
+        result = revert_gguf(path, target)
     else:
         from ..converters.safetensors_fold import revert_safetensors
 

@@ -25,7 +25,7 @@ from ..runtime.chat import HELP, Chat, open_chat
 @click.option("--history/--no-history", default=None,
               help="Keep the conversation (default: on a terminal yes; with piped input every line is a fresh prompt).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="llama.cpp threads (default: all cores).")
-@click.option("--ctx", "n_ctx", type=click.IntRange(256), default=4096, show_default=True, help="llama.cpp context length.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(256), default=2048, show_default=True, help="llama.cpp context length.")
 @click.option("--device", default="auto", show_default=True, help="torch: auto|cpu|cuda|mps.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -43,16 +43,22 @@ def chat_cmd(model: str, patch: str | None, backend: str, patch_mode: str, syste
     if tty:
         click.echo(f"# {engine.backend} backend, {state}. {HELP}", err=True)
 
+    header: list[str] = []  # piped input: "> [patch on] prompt" printed before the reply streams
+
     def stream(piece: str) -> None:
+        if header:
+            click.echo(header.pop())
         click.echo(piece, nl=False)
         sys.stdout.flush()
+
+    def tag() -> str:
+        return "" if not engine.has_patch else (" [patch on]" if engine.patch_on else " [patch off]")
 
     try:
         while True:
             if tty:
-                tag = "" if not engine.has_patch else (" [patch on]" if engine.patch_on else " [patch off]")
                 try:
-                    line = click.prompt(f"you{tag}", prompt_suffix="> ", default="", show_default=False)
+                    line = click.prompt(f"you{tag()}", prompt_suffix="> ", default="", show_default=False)
                 except (EOFError, click.exceptions.Abort):
                     click.echo("", err=True)
                     break
@@ -61,10 +67,14 @@ def chat_cmd(model: str, patch: str | None, backend: str, patch_mode: str, syste
                 if raw == "":
                     break
                 line = raw.rstrip("\n")
-                if line.strip() and not line.strip().startswith("/"):
-                    patch_tag = "" if not engine.has_patch else (" [patch on]" if engine.patch_on else " [patch off]")
-                    click.echo(f">{patch_tag} {line.strip()}")
+                cmd = line.strip().lower()
+                if cmd and not cmd.startswith("/"):
+                    header[:] = [f">{tag()} {line.strip()}"]
+                elif cmd == "/retry" and chat.last_prompt is not None:
+                    header[:] = [f">{tag()} {chat.last_prompt}"]
             event = chat.handle(line, on_text=stream)
+            if header and event is not None and event.kind == "reply":
+                click.echo(header.pop())  # an empty reply streamed nothing
             if event is None:
                 continue
             if event.kind == "quit":
@@ -72,6 +82,7 @@ def chat_cmd(model: str, patch: str | None, backend: str, patch_mode: str, syste
             if event.kind == "info":
                 click.echo(f"# {event.text}", err=tty)
                 continue
+            header.clear()
             click.echo("" if event.text.endswith("\n") else "\n", nl=False)
             if not tty:
                 click.echo("")

@@ -20,6 +20,9 @@ from ..format.patch import Patch
 
 log = logging.getLogger(__name__)
 
+#: Context of llama.cpp scoring sessions (utility: prompt + short answer, or a short text).
+SCORING_CTX = 512
+
 #: A variant of a torch model: a callable returning a context manager. While it is entered,
 #: the model runs as that variant; if it yields a model object, that model is used instead.
 VariantFactory = Callable[[], ContextManager[Any]]
@@ -222,7 +225,10 @@ class LlamaBackend(Backend):
         self._check_variant(variant)
         key = (variant, logits_all)
         if key not in self._sessions:
-            self._sessions[key] = LlamaSession(n_threads=self.n_threads, n_ctx=self.n_ctx, logits_all=logits_all,
+            # llama-cpp-python keeps n_ctx x vocab float32 scores with logits_all (400 MB at 2048 x
+            # 49152): scoring sessions get a short context; longer sequences are cut to it.
+            n_ctx = min(self.n_ctx, SCORING_CTX) if logits_all else self.n_ctx
+            self._sessions[key] = LlamaSession(n_threads=self.n_threads, n_ctx=n_ctx, logits_all=logits_all,
                                                **self._specs[variant])
         return self._sessions[key]
 
@@ -249,7 +255,9 @@ class LlamaBackend(Backend):
 
     def token_logprobs(self, variant: str, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         s = self.session(variant, logits_all=True)
-        return [log_softmax(s.logits(list(q))) for q in seqs]
+        if any(len(q) > s.n_ctx for q in seqs):
+            log.warning("scoring: sequences longer than %d tokens are cut to that length", s.n_ctx)
+        return [log_softmax(s.logits(list(q)[: s.n_ctx])) for q in seqs]
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "llama.cpp", "batch_size": 1, "variants": list(self.variants), "sessions": {}}

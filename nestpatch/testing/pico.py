@@ -219,7 +219,8 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32") -> Path:
+def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32",
+               tensor_types: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a llama-architecture GGUF that llama.cpp loads, with SmolLM2's tokenizer.
 
     Every 2-D weight is stored as ``qtype``; norms stay F32. A weight whose row length is not a
@@ -228,6 +229,8 @@ def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32") -
     Args:
         qtype: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K (K-quants encode through
             llama-cpp-python's libggml and need rows of 256: ``hidden_size=256`` and an n_ff multiple of 256).
+        tensor_types: per-tensor overrides by GGUF name (``{"blk.0.ffn_up.weight": "IQ4_NL"}``); any type
+            libggml encodes without an importance matrix works here (to test mixed and exotic files).
     """
     import gguf
 
@@ -266,15 +269,17 @@ def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32") -
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value, vtype, sub in tok_kv:
             w.add_key_value(key, value, vtype, sub_type=sub)
+        overrides = {k: codecs.qtype_of(v) for k, v in (tensor_types or {}).items()}
         for name, arr in gguf_tensors(model):
-            t = qt if arr.ndim == 2 else codecs.QType.F32
+            t = overrides.get(name, qt if arr.ndim == 2 else codecs.QType.F32)
             if arr.ndim == 2 and arr.shape[1] % codecs.block_size(t):
                 log.warning("%s: row length %d is not a multiple of %d; stored as F32", name, arr.shape[1], codecs.block_size(t))
                 t = codecs.QType.F32
             if t == codecs.QType.F32:
                 w.add_tensor(name, arr)
             else:
-                raw = codecs.quantize_rows(arr.reshape(-1, arr.shape[-1]), t)  # (rows, row_bytes)
+                rows = arr.reshape(-1, arr.shape[-1])
+                raw = codecs.quantize_rows(rows, t) if t in codecs.ENCODABLE else codecs.ggml_quantize(rows, t)  # (rows, row_bytes)
                 w.add_tensor(name, raw.reshape(*arr.shape[:-1], raw.shape[-1]), raw_dtype=t)
         w.write_header_to_file()
         w.write_kv_data_to_file()

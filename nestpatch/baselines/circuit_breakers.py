@@ -1,0 +1,246 @@
+"""Circuit breakers baseline: representation rerouting (Zou et al. 2024), scaled to the model's depth.
+
+What is trained: LoRA adapters on every linear layer (attention and MLP) of the early decoder
+layers. What it optimizes, per step, on ``batch_size`` harmful and ``batch_size`` benign sequences:
+
+- **rerouting** on harmful data (the harmful prompt followed by the base model's own compliant
+  answer: the representations to break): ``mean ReLU(cos(h_lora, h_base))`` over tokens, at two
+  target layers. Driving the cosine to zero or below sends harmful representations away from
+  where the frozen model had them.
+- **retain** on benign data (the shared retain sequences): ``mean ||h_lora - h_base||_2`` over
+  tokens, at every layer up to the second target.
+- **schedule**: ``c_reroute = a (1 - t / 2T)``, ``c_retain = a t / 2T`` (the paper's), so weight
+  shifts from rerouting to retain as training goes on.
+
+Depth scaling: the paper's Llama-3-8B setting (32 layers) reads the hidden states at indices 10
+and 20 and adapts layers 0-20; we read indices ``round(10 L / 32)`` and ``round(20 L / 32)`` and
+adapt every layer below the second (for SmolLM2's 30 layers: hidden states 9 and 19, LoRA on
+layers 0-18). Layers after the second target are never run during training (a hook stops the
+forward pass there), which saves a third of the compute.
+
+Note for readers of the table: rerouted models tend to answer harmful prompts with broken text
+rather than a refusal; a refusal-phrase judge counts broken text as compliance, so this
+method's ASR under that judge is an upper bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from ..errors import InputError, TrainingError
+from ..models.loading import LoadedModel, load_model
+from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, timed
+from .data import shared_data
+from .lora import lora_parameters, make_peft_model, merge_adapter, save_adapter
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The paper's reference depth and target hidden-state indices (Llama-3-8B).
+REFERENCE_DEPTH, REFERENCE_TARGETS = 32, (10, 20)
+DEFAULTS: dict[str, Any] = {"steps": None, "lr": 1e-4, "rank": 16, "alpha": 16.0, "coefficient": 10.0,
+                            "modules": list(ALL_LINEAR), "target_layers": None, "warmup_steps": None}
+
+
+def target_layers(n_layers: int, given: Sequence[int] | None = None) -> tuple[int, int]:
+    """The two hidden-state indices to reroute at (1..n_layers; index i is the output of decoder layer i-1)."""
+    if given:
+        if len(given) != 2 or not 1 <= given[0] < given[1] <= n_layers:
+            raise InputError(f"circuit breakers: target layers must be two hidden-state indices 1 <= a < b <= {n_layers}, "
+                             f"got {list(given)}")
+        return int(given[0]), int(given[1])
+    if n_layers < 2:
+        raise InputError(f"circuit breakers need at least 2 decoder layers, the model has {n_layers}")
+    a, b = (max(1, round(t * n_layers / REFERENCE_DEPTH)) for t in REFERENCE_TARGETS)
+    b = min(n_layers, max(b, a + 1))
+    a = min(a, b - 1)
+    return a, b
+
+
+def coefficients(step: int, total: int, a: float) -> tuple[float, float]:
+    """``(c_reroute, c_retain)`` at 0-based ``step`` of ``total``."""
+    frac = step / (2.0 * max(1, total))
+    return a * (1.0 - frac), a * frac
+
+
+class _Stop(Exception):
+    """Raised by the last hook: the layers after the second target are not needed."""
+
+
+@contextlib.contextmanager
+def layer_outputs(layers: Sequence[Any], last: int) -> Iterator[dict[int, Any]]:
+    """Collect outputs of decoder ``layers[0..last-1]`` (keyed by hidden-state index 1..last); stop after ``last``."""
+    got: dict[int, Any] = {}
+    handles = []
+
+    def make(i: int) -> Any:
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            got[i + 1] = out[0] if isinstance(out, tuple) else out  # (B, T, d)
+            if i + 1 == last:
+                raise _Stop
+
+        return hook
+
+    for i in range(last):
+        handles.append(layers[i].register_forward_hook(make(i)))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _decoder_layers(peft_model: Any) -> Any:
+    backbone = peft_model.get_base_model().model
+    if not hasattr(backbone, "layers"):
+        raise InputError("circuit breakers: the model has no decoder layer list (model.layers)")
+    return backbone
+
+
+def hidden_states(peft_model: Any, batch: Any, last: int, *, autocast: bool) -> dict[int, Any]:
+    """Hidden states 1..``last`` of ``batch`` (the forward pass stops after decoder layer ``last - 1``)."""
+    import torch
+
+    backbone = _decoder_layers(peft_model)
+    dev = batch.input_ids.device
+    with layer_outputs(backbone.layers, last) as got, torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+        try:
+            backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+        except _Stop:
+            pass
+    return dict(got)
+
+
+def reroute_loss(h: Any, h0: Any, mask: Any) -> Any:
+    """``mean ReLU(cos(h, h0))`` over masked tokens. ``h, h0 (B, T, d)``, ``mask (B, T)`` bool."""
+    import torch.nn.functional as F
+
+    cos = F.cosine_similarity(h.float(), h0.float(), dim=-1)  # (B, T)
+    return F.relu(cos)[mask].mean()
+
+
+def retain_loss(h: Any, h0: Any, mask: Any) -> Any:
+    """``mean ||h - h0||_2`` over masked tokens. ``h, h0 (B, T, d)``, ``mask (B, T)`` bool."""
+    return (h.float() - h0.float()).norm(dim=-1)[mask].mean()  # (B, T) -> ()
+
+
+@dataclass
+class StepLosses:
+    reroute: Any
+    retain: Any
+
+
+def step_losses(pm: Any, h_batch: Any, b_batch: Any, targets: tuple[int, int], *, autocast: bool) -> StepLosses:
+    """Rerouting loss on the harmful batch and retain loss on the benign batch, against the frozen base."""
+    import torch
+
+    last = targets[1]
+    with torch.no_grad(), pm.disable_adapter():
+        h0 = hidden_states(pm, h_batch, last, autocast=autocast)
+        b0 = hidden_states(pm, b_batch, last, autocast=autocast)
+    h = hidden_states(pm, h_batch, last, autocast=autocast)
+    b = hidden_states(pm, b_batch, last, autocast=autocast)
+    hm, bm = h_batch.attention_mask.bool(), b_batch.attention_mask.bool()  # (B, T)
+    rr = torch.stack([reroute_loss(h[i], h0[i], hm) for i in targets]).mean()
+    rt = torch.stack([retain_loss(b[i], b0[i], bm) for i in sorted(b)]).mean()
+    return StepLosses(rr, rt)
+
+
+def train(ctx: MethodContext) -> TrainOutcome:
+    """Reroute harmful representations with early-layer LoRA; write the adapter directory."""
+    import torch
+
+    from ..train.examples import collate
+    from ..train.trainer import EpochSampler, lr_factor
+
+    opts = ctx.options
+    cfg = ctx.config_for_method()
+    timings: dict[str, float] = {}
+    with timed(timings, "load_s"):
+        lm = load_model(cfg.model, device=cfg.device)
+    with timed(timings, "shared_data_s"):
+        data = shared_data(lm, ctx.train_config, ctx.data_cache)
+    with timed(timings, "harmful_answers_s"):  # circuit breakers' own data: the base's compliant answers
+        data = shared_data(lm, ctx.train_config, ctx.data_cache, harmful_answers=True)
+    if not data.harmful_answers or not data.benign:
+        raise InputError("circuit breakers need harmful answers and benign retain sequences; the base gave none")
+    n_layers = int(lm.model.config.num_hidden_layers)
+    targets = target_layers(n_layers, opts.get("target_layers"))
+    adapted = list(range(targets[1]))  # decoder layers 0..b-1 shape hidden states 1..b
+    seed = int(cfg.seed or 0)
+    pm = make_peft_model(lm.model, rank=int(opts["rank"]), alpha=float(opts["alpha"]), modules=opts["modules"], layers=adapted,
+                         seed=seed)
+    params = lora_parameters(pm)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    dev = next(iter(params.values())).device
+    hs, bs = EpochSampler(len(data.harmful_answers), seed, 1), EpochSampler(len(data.benign), seed, 2)
+    a = float(opts["coefficient"])
+    history: list[dict] = []
+    log_path = ctx.out_dir / TRAIN_LOG
+    bar = None
+    if ctx.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="train (circuit breakers)", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as logf:
+        for step in range(cfg.steps):
+            ts = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule)
+            c_rr, c_rt = coefficients(step, cfg.steps, a)
+            opt.zero_grad(set_to_none=True)
+            acc = {"reroute": 0.0, "retain": 0.0, "total": 0.0}
+            for m in range(cfg.grad_accum):
+                micro = step * cfg.grad_accum + m
+                hb = collate([data.harmful_answers[i] for i in hs.take(micro * cfg.batch_size, cfg.batch_size)], pad, dev)
+                bb = collate([data.benign[i] for i in bs.take(micro * cfg.batch_size, cfg.batch_size)], pad, dev)
+                losses = step_losses(pm, hb, bb, targets, autocast=cfg.bf16)
+                total = c_rr * losses.reroute + c_rt * losses.retain
+                if not bool(torch.isfinite(total)):
+                    raise TrainingError(f"circuit breakers: loss became NaN or infinite at step {step + 1}; lower the learning rate")
+                (total / cfg.grad_accum).backward()
+                for k, v in (("reroute", losses.reroute), ("retain", losses.retain), ("total", total)):
+                    acc[k] += float(v.detach()) / cfg.grad_accum
+            gn = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm or math.inf))
+            opt.step()
+            rec = {"step": step + 1, **{k: round(v, 6) for k, v in acc.items()}, "c_reroute": round(c_rr, 4),
+                   "c_retain": round(c_rt, 4), "grad_norm": round(gn, 6), "lr": opt.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - ts, 3)}
+            history.append(rec)
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if bar is not None:
+                bar.set_postfix(reroute=f"{acc['reroute']:.3f}", retain=f"{acc['retain']:.3f}")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    timings["train_s"] = round(time.perf_counter() - t0, 3)
+    peak = peak_rss_mb()
+    art = save_adapter(pm, ctx.out_dir / ARTIFACT_DIR, base=str(cfg.model),
+                       extra={"method": "cb", "target_hidden_states": list(targets), "adapted_layers": adapted,
+                              "rank": opts["rank"], "coefficient": a, "steps": cfg.steps, "lr": cfg.lr})
+    first, final = loss_summary(history, ("reroute", "retain", "total"))
+    return TrainOutcome(
+        artifact=str(art), artifact_kind="peft-lora", artifact_bytes=path_bytes(art),
+        trainable_parameters=int(sum(p.numel() for p in params.values())),
+        train_seconds=round(timings["train_s"] + timings.get("harmful_answers_s", 0.0), 3), peak_rss_mb=round(peak, 1),
+        loss_first=first, loss_final=final,
+        scope=f"LoRA r={opts['rank']} on all linear layers of decoder layers 0-{adapted[-1]}; rerouting at hidden states "
+              f"{targets[0]} and {targets[1]} of {n_layers}",
+        timings=timings,
+        details={"target_hidden_states": list(targets), "adapted_layers": [adapted[0], adapted[-1]], "rank": opts["rank"],
+                 "coefficient": a, "steps": cfg.steps, "lr": cfg.lr, "harmful_answers": len(data.harmful_answers), "data": data.info},
+    )
+
+
+def load_merged(lm: LoadedModel, outcome: TrainOutcome) -> Any:
+    """A copy of the base with the rerouting adapter merged in."""
+    return merge_adapter(lm, outcome.artifact)

@@ -1,0 +1,61 @@
+"""NeST itself, behind the baselines' interface: ``nestpatch train`` as it ships.
+
+Nothing is re-implemented here: :func:`nestpatch.train.train_policy` runs with the bench's
+shared configuration (its own defaults unless the user changed them), and the ``.nestpatch``
+it writes is the artifact. Its folded form is the base with the patch attached (the same float32
+arithmetic as the converters' folds).
+
+Train time counts detection, clustering and the optimizer loop; the refusal targets and the
+base answers for the retain term (shared by every method) are reported apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..models.loading import LoadedModel
+from .common import ARTIFACT_DIR, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, read_jsonl
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {"steps": None, "lr": None, "warmup_steps": None}
+PATCH_FILE = "policy.nestpatch"
+
+
+def train(ctx: MethodContext) -> TrainOutcome:
+    from ..train.pipeline import OutputPaths, train_policy
+
+    art_dir = ctx.out_dir / ARTIFACT_DIR
+    art_dir.mkdir(parents=True, exist_ok=True)
+    cfg = ctx.config_for_method(out=str(art_dir / PATCH_FILE), resume=False, policy_name="nestpatch-bench")
+    result = train_policy(cfg, progress=ctx.progress)
+    peak = peak_rss_mb()
+    t = dict(result.timings)
+    own = round(float(t.get("detect_cluster_s", 0.0)) + float(t.get("train_s", 0.0)), 3)
+    paths = OutputPaths.for_output(cfg.out)
+    first, final = loss_summary(read_jsonl(paths.log), ("refusal", "retain", "total"))
+    patch = result.patch
+    det = result.detection
+    return TrainOutcome(
+        artifact=str(result.paths.patch), artifact_kind="nestpatch", artifact_bytes=path_bytes(result.paths.patch),
+        trainable_parameters=int(patch.trainable_parameters), train_seconds=own, peak_rss_mb=round(max(peak, result.peak_rss_mb), 1),
+        loss_first=first or dict(result.summary.first), loss_final=final or dict(result.summary.final),
+        scope=f"NeST: {patch.n_neurons} neurons in {patch.n_clusters} clusters over {len(patch.targets)} MLP projections",
+        timings={"load_s": t.get("load_s", 0.0), "shared_data_s": t.get("targets_s", 0.0),
+                 "detect_cluster_s": t.get("detect_cluster_s", 0.0), "train_s": t.get("train_s", 0.0)},
+        details={"steps": cfg.steps, "lr": cfg.lr, "neurons": patch.n_neurons, "clusters": patch.n_clusters,
+                 "selected_fraction": det.get("fraction"), "seed": result.config.seed},
+    )
+
+
+def load_merged(lm: LoadedModel, outcome: TrainOutcome) -> Any:
+    """A copy of the base with the patch attached (fingerprint checked)."""
+    from nestpatch.format import read_patch
+    from nestpatch.runtime.attach import attach
+
+    model = copy.deepcopy(lm.model)
+    attach(model, read_patch(Path(outcome.artifact)))
+    return model
