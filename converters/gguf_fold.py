@@ -45,7 +45,7 @@ from nestpatch import __version__
 from nestpatch.atomic import atomic_path
 from nestpatch.errors import BaseMismatchError, FormatError, InputError, UnsupportedError
 from nestpatch.fingerprint import check_base, check_description
-from nestpatch.format.constants import BaseKey, PolicyKey
+from nestpatch.format.constants import AXIS_ROW, BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.validate import validate_patch
 from nestpatch.format.writer import compute_digest
@@ -148,6 +148,27 @@ def _locate(layout: GGUFLayout, t: Target, label: str) -> Region:
     return make_region(t, info)
 
 
+def _retention(reg: Region, delta: np.ndarray, realized: np.ndarray) -> tuple[float, float]:
+    """:func:`converters.report.retention_stats` on a region, without float64 copies of it.
+
+    For a col-axis target the intended delta is zero outside the patched columns: the dot
+    products need those columns only, and the rest of the region adds ``||realized||^2`` there.
+    """
+    if reg.axis == AXIS_ROW:
+        return retention_stats(delta, realized)
+    pos = reg.col_positions()
+    ret, err = retention_stats(delta[:, pos], realized[:, pos])  # (R, n) each
+    off = realized.copy()  # (R, B*bs)
+    off[:, pos] = 0.0
+    off_sq = float(np.dot(off.ravel(), off.ravel()))
+    if off_sq == 0.0:
+        return ret, err
+    denom = float(np.linalg.norm(delta[:, pos].astype(np.float64)))
+    if denom == 0.0:
+        return ret, err
+    return ret, float(np.sqrt((err * denom) ** 2 + off_sq)) / denom
+
+
 def _decide(reg: Region, precision: str, threshold: float, label: str) -> None:
     """Choose the output type of one region, encode it, and measure retention."""
     qt, bs = reg.info.qtype, reg.bs
@@ -171,7 +192,7 @@ def _decide(reg: Region, precision: str, threshold: float, label: str) -> None:
             if i + 1 < len(cands):
                 continue
             raise InputError(f"{label}: folding produces values out of range for {ct.name} in tensor {gname}")
-        ret, err = retention_stats(delta, realized)
+        ret, err = _retention(reg, delta, realized)
         if precision != "auto" or ret >= threshold or i + 1 == len(cands):
             reg.out_type, reg.new_raw, reg.retention, reg.rel_error = ct, new_raw, ret, err
             if ct != qt:
@@ -430,18 +451,15 @@ def fold_gguf(model_path: str | os.PathLike, patch: Patch, out_path: str | os.Pa
                          f"{layout.kv(FoldKey.PATCH_DIGEST)}); revert it first (nestpatch revert)")
     check_description(patch, _description(layout, label), label)
     regions = [_locate(layout, t, label) for t in patch.targets]
-    by_name = {r.target.name: r for r in regions}
 
     src = os.open(model_path, os.O_RDONLY)
     try:
+        # Fingerprint every target before any float work or output; only the raw touched blocks
+        # stay in memory (they are the revert payload anyway), decoded regions are transient.
         for reg in regions:
             reg.raw = read_region(src, layout.data_start, reg)
-
-        def vectors(t: Target) -> np.ndarray:
-            reg = by_name[t.name]
-            return neuron_vectors(reg, decode_blocks(reg.raw, reg.info.qtype, reg.bs))
-
-        check_base(patch, vectors, label)
+            base = decode_blocks(reg.raw, reg.info.qtype, reg.bs)  # (R, B*bs)
+            check_base(patch, lambda t, b=base, r=reg: neuron_vectors(r, b), label, targets=[reg.target])
         for reg in regions:
             _decide(reg, precision, auto_threshold, label)
         report = _write(src, layout, patch, regions, out_path, precision, progress, label)

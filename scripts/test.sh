@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# headless Chromium renders the audit report in tests/test_report.py (Debian package)
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "test: could not install chromium; the browser test will say so and skip" >&2
+fi
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

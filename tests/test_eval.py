@@ -152,7 +152,7 @@ def test_llama_backend_folded_compare(pico_gguf, patch_file, files, tmp_path, mo
     monkeypatch.setattr(ls, "derived_cache_dir", lambda: cache)  # the folded copy goes to a private cache
     out = tmp_path / "run"
     s = run_suites(pico_gguf("F32"), patch_file, [str(files["harm"])], backend="llama", out_dir=out, compare=True,
-                   limit=2, max_new_tokens=5, judges=("parity",), progress=False, n_ctx=256)
+                   limit=2, max_new_tokens=5, judges=("parity",), progress=False, n_ctx=256, n_threads=1)
     assert s["backend"]["backend"] == "llama.cpp" and s["patch"]["mode"] == "fold"
     sess = s["backend"]["sessions"]
     assert sess["base"]["loaded"] == str(pico_gguf("F32")) and sess["patched"]["loaded"].endswith(".keep.gguf")
@@ -225,3 +225,16 @@ def test_builtin_suites_load_and_pin_their_sources():
     assert load_suite("overrefusal").kind == "overrefusal"
     with pytest.raises(InputError, match="limit must be >= 1"):
         EvalOptions(limit=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "torch"])
+def test_smollm2_base_model_answers_harmbench(backend, tmp_path):
+    """The real default model has a real safety gap: it answers most HarmBench behaviours."""
+    if backend == "llama":
+        pytest.importorskip("llama_cpp")
+    s = run_suites("smollm2", None, ["harmbench"], backend=backend, out_dir=tmp_path / "run", limit=6, max_new_tokens=32,
+                   batch_size=6, n_threads=1, progress=False)
+    h = s["suites"]["harmbench"]["base"]
+    assert h["n"] == 6 and h["asr"] >= 0.5, h
+    assert s["chat_template"]["source"] == "model" and s["model"]["sha256"].startswith("sha256:")

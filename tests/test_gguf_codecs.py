@@ -29,13 +29,14 @@ needs_ggml = pytest.mark.skipif(codecs.find_libggml() is None, reason="llama-cpp
 @needs_ggml
 @pytest.mark.parametrize("qtype", FLOAT_LEGACY)
 def test_numpy_encoder_is_bit_exact_with_libggml(rows, qtype):
-    np.testing.assert_array_equal(codecs.quantize_rows(rows, qtype), codecs.ggml_quantize(rows, qtype))
+    np.testing.assert_array_equal(codecs.numpy_quantize_rows(rows, qtype), codecs.ggml_quantize(rows, qtype))
 
 
 @needs_ggml
 @pytest.mark.parametrize("qtype", FLOAT_LEGACY + K_QUANTS)
 def test_decoder_is_bit_exact_with_libggml(rows, qtype):
     raw = codecs.quantize_rows(rows, qtype)
+    np.testing.assert_array_equal(codecs.numpy_dequantize_rows(raw, qtype, 512), codecs.ggml_dequantize(raw, qtype, 512))
     np.testing.assert_array_equal(codecs.dequantize_rows(raw, qtype, 512), codecs.ggml_dequantize(raw, qtype, 512))
 
 

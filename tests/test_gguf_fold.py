@@ -323,35 +323,14 @@ def test_in_place_fold_and_revert(pico_patch, pico_gguf, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_fold_and_revert(smollm2_gguf, tmp_path):
     """The real Q4_1 model: a patch sketched from the GGUF itself folds, runs and reverts exactly."""
-    from nestpatch.converters.gguf_layout import parse_layout
-    from nestpatch.fingerprint import attach_sketches
-    from nestpatch.format import Patch
+    from nestpatch.testing import random_patch_gguf
 
-    layout = parse_layout(smollm2_gguf)
-    rng = np.random.default_rng(0)
-    targets = []
-    for layer in (3, 17):
-        for mod, axis, shape in (("gate_proj", "row", (1536, 576)), ("down_proj", "col", (576, 1536))):
-            idx = np.sort(rng.choice(1536, 6, replace=False)).astype(np.int32)
-            d = 576
-            targets.append(Target(f"model.layers.{layer}.mlp.{mod}.weight", axis, shape, idx,
-                                  np.array([0, 1] * 3, np.int32), (rng.standard_normal((2, d)) * 0.05).astype(np.float32)))
-    patch = Patch(targets=targets, base={"architecture": "llama", "d_model": 576, "n_ff": 1536, "n_layers": 30})
-
-    def vectors(t: Target) -> np.ndarray:
-        info = layout.tensor(t.name.replace("model.layers.", "blk.").replace(".mlp.gate_proj", ".ffn_gate")
-                             .replace(".mlp.down_proj", ".ffn_down"))
-        with open(smollm2_gguf, "rb") as f:
-            f.seek(layout.data_start + info.offset)
-            w = codecs.dequantize_rows(np.frombuffer(f.read(info.nbytes), np.uint8), info.qtype, info.row_len)
-        return w[t.indices] if t.axis == "row" else w[:, t.indices].T
-
-    attach_sketches(patch, vectors)
+    patch = random_patch_gguf(smollm2_gguf, seed=0, neurons_per_target=6, layers=(3, 17), scale=0.6)
     out = tmp_path / "smol.gguf"
     rep = fold_gguf(smollm2_gguf, patch, out, precision="auto", progress=False)
     assert all(t.retention > 0.9 for t in rep.targets)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_threads=2)
-    assert llm.tokenize(b"Hello") and np.isfinite(llm.create_completion("Hello", max_tokens=4)["choices"][0]["text"] != "")
+    assert llm.create_completion("Hello", max_tokens=4)["choices"][0]["text"]
     llm.close()
     assert revert_gguf(out, tmp_path / "r.gguf").read_bytes() == Path(smollm2_gguf).read_bytes()
     os.unlink(out)

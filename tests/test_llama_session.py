@@ -30,7 +30,7 @@ def _torch_logits(model, tokens: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("qtype,tol,agree", [("F32", 0.02, 0.95), ("Q8_0", 0.15, 0.85)])
 def test_folded_and_lora_live_agree(pico_model, pico_gguf, strong_patch, tmp_path, qtype, tol, agree):
     path = pico_gguf(qtype)
-    kw = dict(n_ctx=256, logits_all=True, cache_dir=tmp_path)
+    kw = dict(n_ctx=256, logits_all=True, cache_dir=tmp_path, n_threads=1)
     with LlamaSession(path, **kw) as base, \
             LlamaSession(path, patch=strong_patch, patch_mode="fold", **kw) as fold, \
             LlamaSession(path, patch=strong_patch, patch_mode="lora", **kw) as lora:
@@ -51,8 +51,9 @@ def test_folded_and_lora_live_agree(pico_model, pico_gguf, strong_patch, tmp_pat
 
 def test_lora_switches_in_place_exactly(pico_gguf, strong_patch, tmp_path):
     path = pico_gguf("F32")
-    with LlamaSession(path, n_ctx=256, logits_all=True) as base, \
-            LlamaSession(path, patch=strong_patch, patch_mode="lora", n_ctx=256, logits_all=True, cache_dir=tmp_path) as s:
+    with LlamaSession(path, n_ctx=256, logits_all=True, n_threads=1) as base, \
+            LlamaSession(path, patch=strong_patch, patch_mode="lora", n_ctx=256, logits_all=True, cache_dir=tmp_path,
+                         n_threads=1) as s:
         toks = s.tokenize(s.format_prompt(PROMPT))
         on = s.logits(toks)
         assert s.patch_enabled
@@ -64,8 +65,11 @@ def test_lora_switches_in_place_exactly(pico_gguf, strong_patch, tmp_path):
 
 
 def test_generate_greedy_streams_and_defaults(pico_gguf, strong_patch, tmp_path):
-    with LlamaSession(pico_gguf("F32"), patch=strong_patch, n_ctx=256, cache_dir=tmp_path) as s:
-        assert s.n_threads == os.cpu_count()
+    with LlamaSession(pico_gguf("F32"), n_ctx=64) as d:
+        assert d.n_threads == os.cpu_count()  # llama.cpp's own default is 1 thread
+    # one thread below: CI machines are shared, and llama.cpp's spinning workers collapse when
+    # more threads than free cores compete (measured: 2 threads on a loaded 2-core box, 5 tok/s)
+    with LlamaSession(pico_gguf("F32"), patch=strong_patch, n_ctx=256, cache_dir=tmp_path, n_threads=1) as s:
         pieces: list[str] = []
         g = s.generate(PROMPT, max_new_tokens=12, on_text=pieces.append)
         assert "".join(pieces) == g.text and 0 < g.n_new_tokens <= 12
@@ -80,10 +84,10 @@ def test_generate_greedy_streams_and_defaults(pico_gguf, strong_patch, tmp_path)
 
 def test_fold_is_cached(pico_gguf, strong_patch, tmp_path):
     path = pico_gguf("F32")
-    with LlamaSession(path, patch=strong_patch, n_ctx=128, cache_dir=tmp_path) as a:
+    with LlamaSession(path, patch=strong_patch, n_ctx=128, cache_dir=tmp_path, n_threads=1) as a:
         first = a.loaded_path
         mtime = first.stat().st_mtime_ns
-    with LlamaSession(path, patch=strong_patch, n_ctx=128, cache_dir=tmp_path) as b:
+    with LlamaSession(path, patch=strong_patch, n_ctx=128, cache_dir=tmp_path, n_threads=1) as b:
         assert b.loaded_path == first and first.stat().st_mtime_ns == mtime
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -112,7 +116,7 @@ def test_chat_template_matches_transformers(pico_gguf):
     tok = smollm2_tokenizer()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    with LlamaSession(pico_gguf("F32"), n_ctx=128) as s:
+    with LlamaSession(pico_gguf("F32"), n_ctx=128, n_threads=1) as s:
         ours = s.format_messages(msgs)
         assert ours == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert s.tokenize(ours) == list(tok(ours, add_special_tokens=False)["input_ids"])

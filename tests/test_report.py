@@ -27,7 +27,7 @@ from nestpatch.cli import cli
 from nestpatch.format import write_patch
 
 CHROMIUM = "/usr/bin/chromium"
-INSTALL = "apt-get update && apt-get install -y --no-install-recommends chromium"
+INSTALL = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--remote-debugging-pipe"]
@@ -175,7 +175,8 @@ def load_page(binary: str, html: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report_inputs(tmp_path_factory: pytest.TempPathFactory, pico_patch: Any) -> dict[str, Path]:
+def report_inputs(tmp_path_factory: pytest.TempPathFactory, pico_patch: Any, pico_hf_dir: Path,
+                  pico_gguf: Any) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("report")
     p = pico_patch.copy()
     p.provenance = {
@@ -186,21 +187,17 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory, pico_patch: Any) -> 
     }
     p.policy = {"name": "pico-policy", "version": "1.2", "description": "a <b>policy</b> & its \"escapes\""}
     path = write_patch(p, d / "policy.nestpatch")
+    # a real fold report (what `nestpatch apply --report-json` writes)
+    from nestpatch.converters.gguf_fold import fold_gguf
+
     fold = d / "fold.json"
-    fold.write_text(json.dumps({
-        "model_in": "pico.gguf", "model_out": "pico.patched.gguf", "patch_digest": None, "format": "gguf",
-        "precision": "keep", "seconds": 0.1, "bytes_in": 1, "bytes_out": 1,
-        "targets": [{"name": t.name, "tensor": t.name, "type_in": "Q4_1", "type_out": "Q4_1",
-                     "retention": 0.8 + 0.03 * i, "rel_error": 0.2, "bytes_in": 1, "bytes_out": 1}
-                    for i, t in enumerate(p.targets)],
-    }))
+    fold.write_text(fold_gguf(pico_gguf("Q4_1"), p, d / "folded.gguf", progress=False).to_json())
+    # a real evaluation run (base and patched, a few prompts): the report reads its summary.json
+    from nestpatch.evaluate.runner import run_suites
+
     run = d / "run1"
-    run.mkdir()
-    (run / "summary.json").write_text(json.dumps({
-        "judge": "refusal-phrases",
-        "suites": {"harmbench": {"base": {"asr": 0.9, "n": 20}, "patched": {"asr": 0.15, "n": 20}},
-                   "overrefusal": {"base": {"over_refusal": 0.1, "n": 20}, "patched": {"over_refusal": 0.2, "n": 20}}},
-    }))
+    run_suites(pico_hf_dir, path, ["harmbench", "benign", "overrefusal"], out_dir=run, limit=2, compare=True,
+               max_new_tokens=4, device="cpu", progress=False)
     return {"patch": path, "fold": fold, "run": run, "dir": d}
 
 
@@ -220,8 +217,17 @@ def test_report_files(report_inputs: dict[str, Path]) -> None:
     assert "builtin:harmful-mini" in html and "config.cluster.k_max" in html
     data = json.loads(out.with_name("report.json").read_text())
     assert data["totals"]["neurons"] == sum(t["neurons"] for t in data["targets"])
-    assert {(e["suite"], e["metric"], e["before"], e["after"]) for e in data["evaluation"]} == {
-        ("harmbench", "asr", 0.9, 0.15), ("overrefusal", "over_refusal", 0.1, 0.2)}
+    summary = json.loads((report_inputs["run"] / "summary.json").read_text())
+    assert {(e["suite"], e["metric"], e["before"], e["after"], e["n"]) for e in data["evaluation"]} == {
+        ("harmbench", "asr", summary["suites"]["harmbench"]["base"]["asr"], summary["suites"]["harmbench"]["patched"]["asr"], 2),
+        ("benign", "benign_refusal", summary["suites"]["benign"]["base"]["benign_refusal"],
+         summary["suites"]["benign"]["patched"]["benign_refusal"], 2),
+        ("overrefusal", "over_refusal", summary["suites"]["overrefusal"]["base"]["over_refusal"],
+         summary["suites"]["overrefusal"]["patched"]["over_refusal"], 2)}
+    assert all(e["judge"] == "refusal-phrase" for e in data["evaluation"])
+    fold = json.loads(report_inputs["fold"].read_text())
+    assert [(t["name"], t["retention"]) for t in data["folds"][0]["targets"]] == [(t["name"], t["retention"]) for t in fold["targets"]]
+    assert data["folds"][0]["label"] == "gguf: folded.gguf"
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 
 

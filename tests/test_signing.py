@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from nestpatch.audit.signing import (
-    check_signature, generate_keypair, load_public_key, require_signature, sign_patch, signing_message,
+    check_signature, generate_keypair, load_public_key, require_signature, sign_patch, signature_status, signing_message,
     verify_signature,
 )
 from nestpatch.cli import cli
@@ -103,7 +103,7 @@ def test_round_trip_keeps_tensors_and_unknown_keys(tmp_path: Path) -> None:
                           "metadata": {k: v for k, v in doc.items() if k != Doc.SIGNATURE}})
     assert msg == signing_message(doc[Doc.CONTENT_DIGEST], doc)
     load_public_key(tmp_path / "k.pub").verify(bytes.fromhex(doc[Doc.SIGNATURE]["value"]), msg)
-    res = verify_signature(signed, tmp_path / "k.pub")
+    res = signature_status(signed, tmp_path / "k.pub")
     assert res.ok and res.signer == hexkey and "good ed25519 signature" in res.reason
     p = read_patch(signed)  # still a valid patch; the signature is visible to readers
     assert p.signature is not None and p.signature["public_key"] == hexkey
@@ -126,7 +126,7 @@ def test_tampered_tensor_byte_is_reported(signed: tuple[Path, Path, Path], tmp_p
     path, _, pub = signed
     bad = tmp_path / "bad.nestpatch"
     _flip_byte(path, bad, "model.layers.0.mlp.up_proj.weight/deltas")
-    res = verify_signature(bad, pub)
+    res = signature_status(bad, pub)
     assert not res.ok and res.tensors_changed and res.metadata_changed == []
     assert "tensors changed" in res.reason and "metadata" not in res.reason
     with pytest.raises(SignatureError, match="tensors changed"):
@@ -139,7 +139,7 @@ def test_tampered_metadata_is_reported(signed: tuple[Path, Path, Path], tmp_path
     path, _, pub = signed
     bad = tmp_path / "bad.nestpatch"
     _rewrite_doc(path, bad, lambda d: d["provenance"]["data"][0].__setitem__("sha256", "ff" * 32))
-    res = verify_signature(bad, pub)
+    res = signature_status(bad, pub)
     assert not res.ok and not res.tensors_changed and res.metadata_changed == ["provenance"]
     assert res.reason == "signature does not match: metadata changed (provenance)"
     # tensors swapped AND the recorded digest updated to match: both parts are named
@@ -150,7 +150,7 @@ def test_tampered_metadata_is_reported(signed: tuple[Path, Path, Path], tmp_path
     actual = _file_state(both).actual_digest
     _rewrite_doc(both, both, lambda d: d.__setitem__(Doc.CONTENT_DIGEST, actual))
     read_patch(both)  # a self-consistent file: only the signature can tell
-    res = verify_signature(both, pub)
+    res = signature_status(both, pub)
     assert not res.ok and res.tensors_changed and res.metadata_changed == ["content_digest"]
     assert "tensors changed" in res.reason and "metadata changed (content_digest)" in res.reason
 
@@ -158,10 +158,10 @@ def test_tampered_metadata_is_reported(signed: tuple[Path, Path, Path], tmp_path
 def test_wrong_key_and_unsigned(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
     path, _, _ = signed
     _, other_pub, _ = generate_keypair(tmp_path / "other")
-    res = verify_signature(path, other_pub)
+    res = signature_status(path, other_pub)
     assert not res.ok and "signed by another key" in res.reason and "does not match" not in res.reason
     unsigned = write_patch(_patch(1), tmp_path / "u.nestpatch")
-    res = verify_signature(unsigned, other_pub)
+    res = signature_status(unsigned, other_pub)
     assert not res.ok and res.reason == "patch is not signed"
     with pytest.raises(SignatureError, match="not signed"):
         require_signature(unsigned, other_pub)
@@ -171,7 +171,7 @@ def test_resigning_replaces_signature(signed: tuple[Path, Path, Path], tmp_path:
     path, _, pub = signed
     key2, pub2, hex2 = generate_keypair(tmp_path / "k2")
     sign_patch(path, key2)
-    assert verify_signature(path, pub2).ok and not verify_signature(path, pub).ok
+    assert signature_status(path, pub2).ok and not signature_status(path, pub).ok
 
 
 def test_missing_and_bad_key_files(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -196,8 +196,8 @@ def test_hex_and_openssh_public_keys(signed: tuple[Path, Path, Path], tmp_path: 
     k = load_public_key(pub)
     (tmp_path / "hex.pub").write_text(read_patch(path).signature["public_key"] + "\n")
     (tmp_path / "ssh.pub").write_bytes(k.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    assert verify_signature(path, tmp_path / "hex.pub").ok
-    assert verify_signature(path, tmp_path / "ssh.pub").ok
+    assert signature_status(path, tmp_path / "hex.pub").ok
+    assert signature_status(path, tmp_path / "ssh.pub").ok
 
 
 def test_cli_round_trip_with_passphrase(tmp_path: Path) -> None:
@@ -216,3 +216,17 @@ def test_cli_round_trip_with_passphrase(tmp_path: Path) -> None:
     r = runner.invoke(cli, ["verify-signature", str(p), "--pubkey", str(tmp_path / "k.pub"), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["ok"] is True
     assert sorted(x.name for x in tmp_path.iterdir()) == ["k", "k.pub", "p.nestpatch"]
+
+
+def test_key_forms_and_raising_contract(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """require_signature / verify_signature take a path, PEM bytes, hex text or a key object, and raise when bad."""
+    path, _, pub = signed
+    hexkey = read_patch(path).signature["public_key"]
+    for key in (pub, str(pub), pub.read_bytes(), hexkey, bytes.fromhex(hexkey), load_public_key(pub)):
+        assert require_signature(path, key).ok
+        assert verify_signature(read_patch(path), key).ok
+    _, other, _ = generate_keypair(tmp_path / "other")
+    with pytest.raises(SignatureError, match="signed by another key"):
+        verify_signature(path, other.read_bytes())
+    with pytest.raises(InputError, match="no such public key file"):
+        verify_signature(path, "not-a-key")

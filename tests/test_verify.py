@@ -134,7 +134,10 @@ def test_not_a_fold_and_wrong_patch(st_fold: dict[str, Path], pico_model: Any, t
     d = json.loads(r.output)
     assert not d["ok"] and d["findings"][0]["problem"] == "provenance" and "MODEL records patch sha256:" in d["findings"][0]["detail"]
     r = CliRunner().invoke(cli, ["verify", str(st_fold["folded"]), "--patch", str(other), "--base", str(st_fold["base"])])
-    assert r.exit_code == 1 and "unexpected_values" in r.output
+    assert r.exit_code == 1 and "6 differ" in r.output
+    assert "missing_delta      model.layers.0.mlp.gate_proj.weight: patched neurons" in r.output  # P's neurons lack P's delta
+    assert "touched_outside    model.layers.0.mlp.gate_proj.weight: neurons" in r.output  # the other patch's neurons
+    assert "provenance         nestpatch.patch_digest: expected" in r.output
 
 
 def test_bad_inputs_are_user_errors(st_fold: dict[str, Path], tmp_path: Path, pico_gguf: Any) -> None:
@@ -191,3 +194,38 @@ def test_block_steps() -> None:
     v = np.concatenate([np.linspace(0, 15, 32), np.linspace(-3, 3, 32)])[None, :].astype(np.float32)  # (1, 64)
     s = block_steps(v, "Q4_1")
     assert s.shape == v.shape and s[0, 0] == pytest.approx(1.0) and s[0, 40] == pytest.approx(6 / 15)
+
+
+@pytest.mark.slow
+def test_smollm2_fold_verifies_and_one_byte_fails(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """The real Q4_1 SmolLM2 (272 tensors): a fold verifies byte for byte; a nibble's high bit flipped fails."""
+    from nestpatch.converters.gguf_fold import fold_gguf
+    from nestpatch.fingerprint import fingerprint_info, sketch
+    from nestpatch.format import Patch, Target
+    from nestpatch.models.naming import MLPRef
+
+    m = open_model(smollm2_gguf)
+    rng = np.random.default_rng(0)
+    targets = []
+    for layer, module in ((3, "gate_proj"), (10, "up_proj"), (20, "gate_proj")):
+        ref = MLPRef(layer, module)
+        w = m.floats(ref.gguf_name)  # (1536, 576)
+        idx = np.sort(rng.choice(w.shape[0], 6, replace=False)).astype(np.int32)
+        targets.append(Target(name=ref.hf_name, axis="row", shape=tuple(w.shape), indices=idx,
+                              clusters=np.array([0, 0, 0, 1, 1, 1], np.int32),
+                              deltas=(rng.standard_normal((2, w.shape[1])) * 0.05).astype(np.float32),
+                              base_sketch=sketch(ref.hf_name, w[idx])))
+    m.close()
+    patch = Patch(targets=targets, policy={"name": "smol-verify", "version": "1"},
+                  base={"architecture": "llama", "n_layers": 30, "d_model": 576, "n_ff": 1536,
+                        "name": smollm2_gguf.name, "fingerprint": fingerprint_info()})
+    pp = write_patch(patch, tmp_path / "p.nestpatch")
+    folded = tmp_path / "folded.gguf"
+    fold_gguf(smollm2_gguf, patch, folded, progress=False)
+    res = verify_model(folded, pp, base=smollm2_gguf)
+    assert res.ok and res.tensors_compared == res.tensors_identical == 272
+    neuron = int(targets[1].indices[2])
+    _flip(folded, _byte_of(folded, "blk.10.ffn_up.weight", neuron, 4 + 3 * 20 + 7), 0x88)  # block 3 of the row
+    r = CliRunner().invoke(cli, ["verify", str(folded), "--patch", str(pp), "--base", str(smollm2_gguf)])
+    assert r.exit_code == 1
+    assert f"unexpected_values  blk.10.ffn_up.weight: patched neurons {neuron} differ from base + delta" in r.output

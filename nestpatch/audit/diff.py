@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UnsupportedError
 from ..fingerprint import relative_error
-from ..format.constants import SKETCH_TOLERANCE, BaseKey, Doc, FingerprintKey, ProvenanceKey, SignatureKey
+from ..format.constants import SKETCH_TOLERANCE, BaseKey, FingerprintKey, ProvenanceKey, SignatureKey
 from ..format.patch import Patch, Target
 from ..format.writer import compute_digest
 from ..models.naming import parse_hf_name

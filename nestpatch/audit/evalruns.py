@@ -16,11 +16,11 @@ from ..errors import InputError
 
 SUMMARY_NAME = "summary.json"
 
-#: metric names in the summary -> the report's metric names
-_METRICS = {"asr": "asr", "over_refusal": "over_refusal", "overrefusal": "over_refusal",
-            "benign_refusal": "benign_refusal", "refusal_rate": "refusal_rate"}
-_BEFORE = ("base", "before", "baseline")
-_AFTER = ("patched", "after", "patch")
+#: The rate shown for each suite kind (``nestpatch eval`` summary: suites[name].kind).
+_KIND_METRIC = {"harmful": "asr", "benign": "benign_refusal", "overrefusal": "over_refusal"}
+#: Variant names: the unpatched model (before) and the patched one (after).
+_BEFORE = ("base", "before")
+_AFTER = ("patched", "after")
 
 
 @dataclass
@@ -32,33 +32,27 @@ class EvalRun:
     rows: list[dict] = field(default_factory=list)
 
     def summary_info(self) -> dict:
-        return {"path": str(self.path), "rows": len(self.rows)}
+        return {"path": str(self.path), "rows": len(self.rows), "model": (self.summary.get("model") or {}).get("spec"),
+                "judge": self.summary.get("judge"), "created": self.summary.get("created")}
 
 
 def _rate(x: Any) -> float | None:
-    if isinstance(x, dict):
-        for k in ("rate", "value", "mean"):
-            if k in x:
-                return _rate(x[k])
-        return None
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def _rows_from_suite(run: str, suite: str, entry: dict, judge: str | None) -> list[dict]:
-    rows = []
+    """Before/after row of one suite; a run of one variant fills one side only."""
+    metric = _KIND_METRIC.get(str(entry.get("kind")))
+    if metric is None:  # utility suites (KL, perplexity) have no refusal rate to plot
+        return []
     before = next((entry[k] for k in _BEFORE if isinstance(entry.get(k), dict)), None)
     after = next((entry[k] for k in _AFTER if isinstance(entry.get(k), dict)), None)
-    if before is None and after is None:
-        after = entry  # a run of one model only
-    for src, metric in _METRICS.items():
-        b = _rate(before.get(src)) if before else None
-        a = _rate(after.get(src)) if after else None
-        if a is None and b is None:
-            continue
-        n = (after or before or {}).get("n") or entry.get("n")
-        rows.append({"run": run, "suite": suite, "metric": metric, "before": b, "after": a,
-                     "n": n, "judge": entry.get("judge") or judge})
-    return rows
+    b = _rate(before.get(metric)) if before else None
+    a = _rate(after.get(metric)) if after else None
+    if a is None and b is None:
+        return []
+    return [{"run": run, "suite": suite, "metric": metric, "before": b, "after": a,
+             "n": entry.get("n"), "judge": entry.get("judge") or judge}]
 
 
 def load_eval_run(path: str | os.PathLike) -> EvalRun:
@@ -74,19 +68,30 @@ def load_eval_run(path: str | os.PathLike) -> EvalRun:
     if not isinstance(summary, dict):
         raise InputError(f"{f}: expected a JSON object")
     run = d.name if d.is_dir() else d.parent.name
-    judge = summary.get("judge")
-    if isinstance(judge, dict):
-        judge = judge.get("name")
-    suites = summary.get("suites", {})
-    items = suites.items() if isinstance(suites, dict) else ((s.get("suite") or s.get("name"), s) for s in suites)
+    suites = summary.get("suites")
+    if not isinstance(suites, dict):
+        raise InputError(f"{f}: not an evaluation summary (expected a 'suites' object, as written by 'nestpatch eval')")
     rows: list[dict] = []
-    for name, entry in items:
+    for name, entry in suites.items():
         if isinstance(entry, dict):
-            rows.extend(_rows_from_suite(run, str(name), entry, judge))
+            rows.extend(_rows_from_suite(run, str(name), entry, summary.get("judge")))
     if not rows:
-        raise InputError(f"{f}: no per-suite rates found (expected 'suites' with asr / over_refusal per model)")
+        raise InputError(f"{f}: no harmful, benign or over-refusal suite with rates (utility-only run?)")
     return EvalRun(path=d, summary=summary, rows=rows)
 
 
 def eval_rows(runs: list[EvalRun] | tuple[EvalRun, ...]) -> list[dict]:
-    return [r for run in runs for r in run.rows]
+    """All runs' rows; a base-only run and a patched-only run of the same suite become one row."""
+    rows = [dict(r) for run in runs for r in run.rows]
+    merged: list[dict] = []
+    for r in rows:
+        mate = next((m for m in merged if m["suite"] == r["suite"] and m["metric"] == r["metric"]
+                     and ((m["before"] is None) != (r["before"] is None)) and ((m["after"] is None) != (r["after"] is None))
+                     and m["judge"] == r["judge"]), None)
+        if mate is None:
+            merged.append(r)
+            continue
+        mate["before"] = mate["before"] if mate["before"] is not None else r["before"]
+        mate["after"] = mate["after"] if mate["after"] is not None else r["after"]
+        mate["run"] = f"{mate['run']} + {r['run']}"
+    return merged

@@ -129,15 +129,16 @@ def load_private_key(path: str | os.PathLike, passphrase: bytes | None = None) -
     return key
 
 
-def load_public_key(path: str | os.PathLike) -> Any:
-    """Load an ed25519 public key: PEM, OpenSSH (``ssh-ed25519 ...``) or 64 hex digits."""
+def parse_public_key(data: bytes, label: str = "public key") -> Any:
+    """An ed25519 public key from PEM, OpenSSH (``ssh-ed25519 ...``), 64 hex digits or 32 raw bytes."""
     serialization, ed25519 = _crypto()
-    data = _read_key_file(path, "public key")
     text = data.strip()
     try:
-        if text.startswith(b"-----BEGIN"):
+        if len(data) == 32 and not all(32 <= c < 127 for c in data):
+            key = ed25519.Ed25519PublicKey.from_public_bytes(data)
+        elif text.startswith(b"-----BEGIN"):
             if b"PRIVATE KEY" in text:
-                raise InputError(f"{path}: is a private key; pass the public key (the .pub file from 'nestpatch keygen')")
+                raise InputError(f"{label}: is a private key; pass the public key (the .pub file from 'nestpatch keygen')")
             key = serialization.load_pem_public_key(text)
         elif text.startswith(b"ssh-ed25519"):
             key = serialization.load_ssh_public_key(text)
@@ -147,10 +148,35 @@ def load_public_key(path: str | os.PathLike) -> Any:
                 raise ValueError(f"{len(raw)} bytes of hex, expected 32")
             key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable public key ({str(e).splitlines()[0]}); expected PEM, OpenSSH or 64 hex digits") from None
+        raise InputError(f"{label}: not a readable public key ({str(e).splitlines()[0]}); expected PEM, OpenSSH or 64 hex digits") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise InputError(f"{path}: public key is {type(key).__name__}, expected an ed25519 key")
+        raise InputError(f"{label}: public key is {type(key).__name__}, expected an ed25519 key")
     return key
+
+
+def load_public_key(path: str | os.PathLike) -> Any:
+    """Load an ed25519 public key file: PEM, OpenSSH (``ssh-ed25519 ...``) or 64 hex digits."""
+    return parse_public_key(_read_key_file(path, "public key"), str(path))
+
+
+def coerce_public_key(key: Any) -> Any:
+    """A public key from what callers hold: a key object, a file path, or the key's bytes/text.
+
+    A ``str`` is a path when such a file exists, else the key itself (hex, PEM or OpenSSH).
+    """
+    _, ed25519 = _crypto()
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return parse_public_key(bytes(key))
+    if isinstance(key, os.PathLike) or (isinstance(key, str) and (os.path.exists(key) or os.sep in key or key.endswith(".pub"))):
+        return load_public_key(key)
+    if isinstance(key, str):
+        try:
+            return parse_public_key(key.encode("utf-8"))
+        except InputError:
+            raise InputError(f"{key}: no such public key file (nor a key in PEM, OpenSSH or hex form)") from None
+    raise InputError(f"public key of type {type(key).__name__} not understood; pass a path, PEM/hex text or bytes")
 
 
 # --------------------------------------------------------------------------- message
@@ -337,32 +363,42 @@ def check_signature(state_or_path: str | os.PathLike | Patch, public_key: Any) -
     return res
 
 
-def verify_signature(path: str | os.PathLike, pubkey_path: str | os.PathLike) -> SignatureCheck:
-    """Load ``pubkey_path`` and check the signature of the patch file at ``path``."""
-    return check_signature(path, load_public_key(pubkey_path))
+def signature_status(path: str | os.PathLike | Patch, pubkey: Any) -> SignatureCheck:
+    """Check a patch's signature against ``pubkey`` and return the outcome (never raises for a bad one)."""
+    return check_signature(path, coerce_public_key(pubkey))
 
 
-def require_signature(patch: str | os.PathLike | Patch, pubkey_path: str | os.PathLike) -> SignatureCheck:
-    """Refuse a patch that is not signed by the key in ``pubkey_path`` (``--require-signature PUB``).
+def require_signature(patch: str | os.PathLike | Patch, pubkey: Any) -> SignatureCheck:
+    """Refuse a patch that is not signed by ``pubkey`` (``--require-signature PUB``).
 
     For ``apply`` and ``attach``: call it with the patch *path* before loading the weights, so the
     check covers the file's exact bytes (an in-memory :class:`Patch` is re-serialized, which drops
     unknown metadata keys a file may carry).
+
+    Args:
+        pubkey: the trusted key: a file path (PEM, OpenSSH or hex), the key's bytes or text, or a
+            ``cryptography`` Ed25519PublicKey.
 
     Raises:
         InputError: the key file is missing or unreadable.
         SignatureError: the patch is unsigned, signed by another key, or changed since signing
             (the message says whether tensors or which metadata sections changed).
     """
-    res = check_signature(patch, load_public_key(pubkey_path))
+    res = check_signature(patch, coerce_public_key(pubkey))
     if not res.ok:
         raise SignatureError(f"{res.path}: {res.reason}")
     log.info("%s: %s", res.path, res.reason)
     return res
 
 
+#: Same contract as :func:`require_signature` (raises on any failure): callers that "verify" a
+#: signature expect an exception when it is bad, never a result they might forget to check.
+verify_signature = require_signature
+
+
 __all__ = [
-    "ALGORITHM", "SignatureCheck", "generate_keypair", "load_private_key", "load_public_key",
-    "public_key_hex", "sign_patch", "signing_message", "check_signature", "verify_signature",
+    "ALGORITHM", "SignatureCheck", "generate_keypair", "load_private_key", "load_public_key", "parse_public_key",
+    "coerce_public_key",
+    "public_key_hex", "sign_patch", "signing_message", "check_signature", "signature_status", "verify_signature",
     "require_signature",
 ]

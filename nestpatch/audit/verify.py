@@ -383,7 +383,8 @@ def render_verify(res: VerifyResult) -> str:
     lines = [head]
     if res.mode == "refold":
         lines.append(f"  {res.tensors_compared} tensors compared ({res.format}): {res.tensors_identical} byte-identical, "
-                     f"{len(res.within_tolerance)} within re-encoding tolerance, {len({f.tensor for f in res.findings})} differ")
+                     f"{len(res.within_tolerance)} within re-encoding tolerance, "
+                     f"{len({f.tensor for f in res.findings if f.problem not in ('metadata', 'provenance')})} differ")
     for f in res.findings:
         lines.append(f"  {f.problem:<18} {f.tensor}: {f.detail}")
     for n in res.notes:

@@ -99,9 +99,9 @@ def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None) 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_signature_cmd(patch: str, pubkey: str, as_json: bool) -> None:
     """Check that PATCH is signed by PUBKEY and unchanged since. Exit 0 if good, 1 if not."""
-    from ..audit.signing import verify_signature
+    from ..audit.signing import signature_status
 
-    res = verify_signature(patch, pubkey)
+    res = signature_status(patch, pubkey)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True))
     else:

@@ -44,8 +44,10 @@ def kl_records(backend: Backend, reference: str, others: Sequence[str], prompts:
         lps = backend.token_logprobs(v, seqs)
         for rec, r, q, st, seq in zip(records, ref, lps, starts, seqs):
             end = len(seq) - 1 if len(seq) - 1 > st else st + 1  # an empty answer still has one position
-            rr, qq = r[st:end], q[st:end]  # (P, V)
+            rr, qq = r[st:end], q[st:end]  # (P, V); shorter if the backend cut a long sequence
             rec["n_positions"] = int(rr.shape[0])
+            if rr.shape[0] == 0:
+                continue
             rec["kl"][v] = float(kl_rows(rr, qq).mean())
             rec["top1_agreement"][v] = float((rr.argmax(-1) == qq.argmax(-1)).mean())
     return records
@@ -57,11 +59,13 @@ def nll_records(backend: Backend, variants: Sequence[str], texts: Sequence[Any])
     records = [{"id": t.id, "text": t.prompt, "n_tokens": max(0, len(s) - 1), "nll": {}} for t, s in zip(texts, seqs)]
     for v in variants:
         for rec, lp, s in zip(records, backend.token_logprobs(v, seqs), seqs):
-            if len(s) < 2:
+            t = min(len(s), lp.shape[0])  # the backend may cut a long text
+            rec["n_tokens"] = max(0, t - 1)
+            if t < 2:
                 rec["nll"][v] = 0.0
                 continue
-            target = np.asarray(s[1:], dtype=np.int64)  # (T-1,)
-            rec["nll"][v] = float(-lp[np.arange(len(s) - 1), target].astype(np.float64).sum())
+            target = np.asarray(s[1:t], dtype=np.int64)  # (t-1,)
+            rec["nll"][v] = float(-lp[np.arange(t - 1), target].astype(np.float64).sum())
     return records
 
 

@@ -1,9 +1,10 @@
 """Helpers for tests and benchmarks: tiny real models in every format nestpatch reads.
 
-Importing this package needs torch and transformers (the ``train`` extra); the format layer
-never imports it.
+Importing it needs numpy only; the functions that build torch models import torch and
+transformers (the ``train`` extra) when called. The format layer never imports this package.
 """
 
+from .gguf_patches import gguf_neuron_vectors, random_patch_gguf
 from .pico import (
     make_pico_model,
     random_patch,
@@ -12,4 +13,4 @@ from .pico import (
     write_hf_dir,
 )
 
-__all__ = ["make_pico_model", "random_patch", "smollm2_tokenizer", "write_gguf", "write_hf_dir"]
+__all__ = ["gguf_neuron_vectors", "random_patch_gguf", "make_pico_model", "random_patch", "smollm2_tokenizer", "write_gguf", "write_hf_dir"]

@@ -30,11 +30,11 @@ _FALLBACK_PHRASES = (
 def refusal_judge() -> tuple[str, Callable[[str, str], bool]]:
     """``(name, judge(prompt, response) -> refused)``: the evaluation package's phrase judge when present."""
     try:  # the evaluation package owns the judges registry; use it when it is there
-        from ..evaluate import judges as _j  # type: ignore[attr-defined]
+        from ..evaluate.judges import make_judge
 
-        judge = _j.get_judge("refusal-phrase")  # type: ignore[attr-defined]
-        return getattr(judge, "name", "refusal-phrase"), lambda p, r: bool(judge.is_refusal(p, r))
-    except Exception:  # noqa: BLE001 - any missing piece means: fall back
+        judge = make_judge("refusal-phrase")
+        return judge.name, lambda p, r: bool(judge.judge(p, r).refused)
+    except ImportError:
         pat = re.compile("|".join(re.escape(p) for p in _FALLBACK_PHRASES))
         return "refusal-phrase (train fallback)", lambda p, r: bool(pat.search(r[:200].lower().replace("\u2019", "'")))
 

@@ -1,0 +1,294 @@
+"""``nestpatch bench``: run NeST and the baselines on one model, evaluate each the same way, write one table.
+
+Flow (every step resumable; see :mod:`.jobs` for a method directory's layout)::
+
+    BENCH_DIR/bench.json          the configuration and library versions of the run
+    BENCH_DIR/data/shared.json    training sequences shared by the baselines (same as nestpatch train's)
+    BENCH_DIR/base/               the untouched model evaluated (reference row)
+    BENCH_DIR/<method>/           job.json, train.json, artifact/, train.jsonl, eval/, eval-utility/,
+                                  folded.gguf (or folded/), result.json
+    BENCH_DIR/speed.json          decode tokens/s of every folded model, interleaved rounds
+    BENCH_DIR/results.json        the table as data (+ targets check)
+    BENCH_DIR/results.md          the table for people (rendered from results.json)
+    BENCH_DIR/asr_vs_params.png   ASR against trainable parameters (log x)
+
+Each method runs in its own process by default (``isolate``), so its peak memory is its own.
+A method whose ``result.json`` exists is skipped; if its settings differ from the new run's,
+the bench stops and says so instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_path
+from ..errors import InputError, TrainingError
+from ..train.config import TrainConfig
+from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, read_json, run_job, write_json)
+from .registry import get_method
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("nest", "lora", "full", "cb")
+DEFAULT_SUITES = ("harmbench", "harmful-heldout", "benign", "overrefusal", "utility")
+BENCH_FILE = "bench.json"
+SPEED_FILE = "speed.json"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_FILE = "asr_vs_params.png"
+DATA_CACHE = "data/shared.json"
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one bench run.
+
+    Attributes:
+        model: HF directory, ``.gguf`` file or named model (``smollm2``).
+        out_dir: the bench directory.
+        methods: registry names, in order.
+        train_config: the shared NeST training configuration (data, template, targets, retain,
+            seed, batch size...); ``model`` and ``out`` are set by the bench.
+        method_options: per method, options on top of its defaults (``{"lora": {"rank": 16}}``).
+        suites: evaluation suites (``harmful-heldout`` is the bench's own held-out split).
+        limit: evaluate only the first N prompts of each suite.
+        max_new_tokens, eval_batch_size: greedy decoding settings of the evaluation.
+        speed, speed_rounds, speed_tokens: decode tokens/s of the folded models.
+        threads: CPU threads for torch and llama.cpp (None: their defaults).
+        isolate: one process per method (exact peak memory); off runs everything in this process.
+        include_base: evaluate the untouched model too (the reference row).
+        progress: progress bars.
+    """
+
+    model: str
+    out_dir: str
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    train_config: TrainConfig | None = None
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    suites: list[str] = field(default_factory=lambda: list(DEFAULT_SUITES))
+    limit: int | None = None
+    max_new_tokens: int = 64
+    eval_batch_size: int = 8
+    speed: bool = True
+    speed_rounds: int = 3
+    speed_tokens: int = 64
+    threads: int | None = None
+    isolate: bool = True
+    include_base: bool = True
+    progress: bool = True
+    log_level: int = logging.WARNING
+
+    def validate(self) -> "BenchConfig":
+        if not self.model:
+            raise InputError("--model is required (an HF directory, a .gguf file, or smollm2)")
+        if not self.methods:
+            raise InputError("--methods: no method given")
+        for m in self.methods:
+            get_method(m)
+        for m, opts in self.method_options.items():
+            get_method(m).options(opts)  # unknown option names fail here, before any work
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"--limit must be at least 1, got {self.limit}")
+        if self.speed_rounds < 1 or self.speed_tokens < 1:
+            raise InputError("--speed-rounds and --speed-tokens must be positive")
+        if not self.suites:
+            raise InputError("--suites: no suite given")
+        return self
+
+    def shared_train_config(self) -> TrainConfig:
+        """The training config every method shares: seed fixed (0 unless given) so reruns reproduce."""
+        tc = self.train_config or TrainConfig()
+        over: dict[str, Any] = {"model": self.model, "out": str(Path(self.out_dir) / "nest" / "artifact" / "policy.nestpatch")}
+        if tc.seed is None:
+            over["seed"] = 0
+        if self.threads:
+            over["threads"] = int(self.threads)
+        return tc.merged(over).resolved()
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("nestpatch", "torch", "transformers", "peft", "numpy", "safetensors", "gguf", "llama-cpp-python", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _job(cfg: BenchConfig, name: str, tc: TrainConfig) -> Job:
+    ev = EvalSettings(limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, seed=int(tc.seed or 0))
+    opts = {} if name == BASE else get_method(name).options(cfg.method_options.get(name))
+    return Job(method=name, model=cfg.model, out_dir=str(Path(cfg.out_dir) / name), train_config=tc.to_dict(), options=opts,
+               suites=list(cfg.suites), eval=dataclasses.asdict(ev), data_cache=str(Path(cfg.out_dir) / DATA_CACHE),
+               progress=cfg.progress, isolated=cfg.isolate)
+
+
+def _check_identity(job: Job) -> None:
+    """A finished method made with other settings is an error, not a silent mix of two runs."""
+    d = job.dir
+    if not (d / RESULT_FILE).exists() and not (d / "train.json").exists():
+        return
+    old = read_json(d / JOB_FILE)
+    if old is None:
+        return
+    old_id, new_id = Job.from_dict(old).identity(), job.identity()
+    for k in old_id:
+        if json.dumps(old_id[k], sort_keys=True, default=str) != json.dumps(new_id[k], sort_keys=True, default=str):
+            raise InputError(f"{d}: this method was run with other settings ({k} differs); delete {d} to redo it, "
+                             "or use another bench directory")
+
+
+def _run_isolated(spec: dict, spec_path: Path, label: str) -> None:
+    write_json(spec_path, spec)
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run([sys.executable, "-m", "nestpatch.baselines.worker", str(spec_path)], env=env)
+    err = spec_path.with_suffix(".error")
+    if proc.returncode == 2 and err.exists():
+        raise InputError(f"{label}: {err.read_text(encoding='utf-8').strip()}")
+    if proc.returncode != 0:
+        raise TrainingError(f"{label}: its process failed (exit code {proc.returncode}); the traceback is above, "
+                            f"finished stages are kept in {spec_path.parent} and a rerun resumes there")
+
+
+def run_one(cfg: BenchConfig, job: Job) -> dict:
+    """Run (or reuse) one job; returns its result."""
+    _check_identity(job)
+    job.dir.mkdir(parents=True, exist_ok=True)
+    write_json(job.dir / JOB_FILE, job.to_dict())
+    done = read_json(job.dir / RESULT_FILE)
+    if done is not None:
+        log.info("%s: finished earlier; reusing %s", job.method, job.dir / RESULT_FILE)
+        return done
+    t0 = time.perf_counter()
+    if cfg.isolate:
+        spec = {"kind": "job", "job": job.to_dict(), "log_level": cfg.log_level, "torch_threads": cfg.threads}
+        _run_isolated(spec, job.dir / "worker.json", f"method {job.method}")
+        result = read_json(job.dir / RESULT_FILE)
+    else:
+        result = run_job(job)
+    log.info("%s: done in %.0f s", job.method, time.perf_counter() - t0)
+    return result
+
+
+def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads: int | None, rounds: int, new_tokens: int) -> dict:
+    """Decode tokens/s of the base and every folded model, interleaved; writes ``speed.json``."""
+    from ..assets import resolve_model
+    from . import speed as sp
+
+    out = bench_dir / SPEED_FILE
+    saved = read_json(out)
+    names = [BASE] + list(entries)
+    if saved is not None and all(n in saved.get("results", {}) for n in names):
+        return saved
+    base_path = resolve_model(base)
+    decoders: dict[str, Any] = {}
+    try:
+        for name in names:
+            path, kind = (base_path, "gguf" if base_path.suffix == ".gguf" else "hf") if name == BASE else \
+                (Path(entries[name]["path"]), entries[name]["kind"])
+            if kind == "gguf":
+                try:
+                    decoders[name] = sp.LlamaDecoder(path, n_threads=threads)
+                    continue
+                except Exception as e:  # noqa: BLE001 - no llama.cpp: measure in torch and say so
+                    log.warning("llama.cpp cannot run %s (%s); measuring in torch", path, e)
+                    from ..models.loading import load_model
+
+                    lm = load_model(path, device="cpu")
+                    decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
+                    continue
+            from ..models.loading import load_model
+
+            lm = load_model(path, device="cpu")
+            decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
+        results = sp.measure(decoders, new_tokens=new_tokens, rounds=rounds)
+    finally:
+        for d in decoders.values():
+            d.close()
+    data = {"results": results, "rounds": rounds, "new_tokens": new_tokens, "threads": threads,
+            "note": "greedy decode at batch 1, prompt evaluation not timed; median of interleaved rounds"}
+    write_json(out, data)
+    return data
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run every method (resuming finished ones), measure speed, write the tables and the plot.
+
+    Returns:
+        The content of ``results.json``.
+
+    Raises:
+        InputError: bad settings, or a finished method whose settings differ.
+        TrainingError: a method's process failed (finished stages are kept).
+    """
+    from .table import build_results, render_markdown, write_plot
+
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if not out.parent.exists():
+        raise InputError(f"{out}: parent directory {out.parent} does not exist")
+    out.mkdir(exist_ok=True)
+    tc = cfg.shared_train_config()
+    write_json(out / BENCH_FILE, {"model": cfg.model, "methods": cfg.methods, "suites": cfg.suites, "limit": cfg.limit,
+                                  "max_new_tokens": cfg.max_new_tokens, "eval_batch_size": cfg.eval_batch_size,
+                                  "method_options": {m: get_method(m).options(cfg.method_options.get(m)) for m in cfg.methods},
+                                  "train_config": tc.to_dict(), "threads": cfg.threads, "isolate": cfg.isolate,
+                                  "libraries": library_versions(), "machine": machine(),
+                                  "command": " ".join(sys.argv) if sys.argv else None})
+    t0 = time.perf_counter()
+    results: dict[str, dict] = {}
+    names = ([BASE] if cfg.include_base else []) + list(cfg.methods)
+    for name in names:
+        results[name] = run_one(cfg, _job(cfg, name, tc))
+    speed = None
+    if cfg.speed:
+        entries = {n: r["fold"] for n, r in results.items() if n != BASE and r.get("fold")}
+        spec = {"kind": "speed", "bench_dir": str(out), "entries": entries, "base": cfg.model, "threads": cfg.threads,
+                "rounds": cfg.speed_rounds, "new_tokens": cfg.speed_tokens, "log_level": cfg.log_level, "torch_threads": cfg.threads}
+        if cfg.isolate:
+            _run_isolated(spec, out / "speed.worker.json", "speed measurement")
+            speed = read_json(out / SPEED_FILE)
+        else:
+            speed = speed_stage(out, entries, base=cfg.model, threads=cfg.threads, rounds=cfg.speed_rounds, new_tokens=cfg.speed_tokens)
+    table = build_results(cfg, results, speed, bench=read_json(out / BENCH_FILE))
+    table["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+    write_json(out / RESULTS_JSON, table)
+    with atomic_path(out / RESULTS_MD) as tmp:
+        tmp.write_text(render_markdown(table), encoding="utf-8")
+    write_plot(table, out / PLOT_FILE)
+    return table
+
+
+__all__ = ["BenchConfig", "run_bench", "speed_stage", "DEFAULT_METHODS", "DEFAULT_SUITES", "FOLDED_GGUF"]

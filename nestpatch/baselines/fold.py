@@ -1,0 +1,151 @@
+"""The folded form of a trained model: its changed weights written into a copy of the base file.
+
+Why: "no inference-time overhead" is a claim about the folded model, so tokens/s is measured on
+it, and every method is folded the same way. For a GGUF base, the output is the base file with
+every KV entry and every unchanged tensor copied byte for byte, and each changed tensor
+re-encoded in the base's own type for that tensor (so all methods run with the same tensor
+types as the base, and speed differences are not type differences). For a base given as an HF
+directory, the folded form is an HF directory written by transformers.
+
+Tensor names and layouts follow llama.cpp's converter (gguf-py's name map; the Q/K row
+permutation of the llama architecture). Other GGUF architectures raise UnsupportedError and the
+bench falls back to measuring tokens/s in torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_dir, atomic_path
+from ..errors import UnsupportedError
+
+log = logging.getLogger(__name__)
+
+#: GGUF architectures whose tensors we can map (and permute) from HF names.
+SUPPORTED_GGUF_ARCHS = ("llama",)
+
+
+def changed_parameters(base: Any, merged: Any) -> dict[str, np.ndarray]:
+    """``{hf_name: float32 array}`` of the merged model's parameters that differ from the base's."""
+    import torch
+
+    base_params = dict(base.named_parameters())
+    out = {}
+    for name, p in merged.named_parameters():
+        b = base_params.get(name)
+        if b is None or b.shape != p.shape or not torch.equal(b.detach(), p.detach()):
+            out[name] = p.detach().float().cpu().numpy()
+    return out
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp's interleaved pairs (what its converter does for llama)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(hf_name: str, arch: str, n_layers: int) -> str:
+    """GGUF name of an HF parameter (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``)."""
+    import gguf
+
+    enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if enum is None:
+        raise UnsupportedError(f"GGUF architecture {arch!r} unknown to gguf-py")
+    mapped = gguf.get_tensor_name_map(enum, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise UnsupportedError(f"tensor {hf_name}: no GGUF name for architecture {arch}")
+    return mapped
+
+
+def _gguf_layout_values(hf_name: str, arr: np.ndarray, config: Any) -> np.ndarray:
+    if hf_name.endswith("q_proj.weight"):
+        return permute_qk(arr, int(config.num_attention_heads))
+    if hf_name.endswith("k_proj.weight"):
+        return permute_qk(arr, int(config.num_key_value_heads))
+    return arr
+
+
+def _encode(values: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
+    """Encode float32 ``values`` in ``qtype`` when possible, else F16; returns (raw data, type)."""
+    from nestpatch.converters import gguf_codecs as codecs
+
+    n = values.shape[-1]
+    t = qtype if codecs.can_encode(qtype, n) else codecs.QType.F16
+    if t != qtype:
+        log.warning("cannot re-encode as %s; this tensor is stored as F16", qtype.name)
+    rows = values.reshape(-1, n)
+    if t == codecs.QType.F32:
+        return rows.astype(np.float32).reshape(values.shape), t
+    if t == codecs.QType.F16:
+        return rows.astype(np.float16).reshape(values.shape), t
+    raw = codecs.quantize_rows(rows, t)  # (rows, row_bytes)
+    return raw.reshape(*values.shape[:-1], raw.shape[-1]), t
+
+
+def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, out_path: str | os.PathLike) -> dict:
+    """Write ``out_path``: ``base_gguf`` with ``merged``'s changed tensors re-encoded in place.
+
+    Returns:
+        ``{"changed_tensors", "retyped", "bytes"}``.
+
+    Raises:
+        UnsupportedError: not a llama-architecture GGUF, or a changed tensor the file lacks.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(base_gguf))
+    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    arch = str(arch_field.contents()) if arch_field is not None else ""
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise UnsupportedError(f"{base_gguf}: folding baselines into GGUF supports {', '.join(SUPPORTED_GGUF_ARCHS)}, not {arch!r}")
+    cfg = merged.config
+    n_layers = int(cfg.num_hidden_layers)
+    changed = changed_parameters(base_model, merged)
+    by_gguf = {gguf_tensor_name(k, arch, n_layers): _gguf_layout_values(k, v, cfg) for k, v in changed.items()}
+    names = {t.name for t in reader.tensors}
+    missing = sorted(set(by_gguf) - names)
+    if missing:
+        raise UnsupportedError(f"{base_gguf}: has no tensor {missing[0]} (changed by training)")
+    out = Path(out_path)
+    retyped = []
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch, endianess=reader.endianess)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        data: list[np.ndarray] = []
+        for t in reader.tensors:
+            arr, qtype = t.data, t.tensor_type
+            if t.name in by_gguf:
+                values = by_gguf[t.name].reshape([int(x) for x in reversed(t.shape)])  # numpy layout (rows, n)
+                arr, qtype = _encode(values, t.tensor_type)
+                if qtype != t.tensor_type:
+                    retyped.append(t.name)
+            w.add_tensor_info(t.name, arr.shape, arr.dtype, arr.nbytes, qtype)
+            data.append(arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for arr in data:
+            w.write_tensor_data(arr, tensor_endianess=reader.endianess)
+        w.close()
+    log.info("folded %d changed tensors into %s", len(by_gguf), out)
+    return {"changed_tensors": len(by_gguf), "retyped": retyped, "bytes": out.stat().st_size}
+
+
+def fold_into_hf_dir(merged: Any, tokenizer: Any, out_dir: str | os.PathLike) -> dict:
+    """Write the merged model as an HF directory (safetensors, atomically)."""
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return {"bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}

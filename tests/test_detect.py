@@ -1,0 +1,184 @@
+"""Detection: pooled activations (padding masked, prompt span), probe and mean-difference scorers, selection.
+
+A pico model with *planted* safety neurons gives a ground truth: the embedding of one trigger
+word carries a direction v, and rows 5 and 17 of layer 0's gate_proj are aligned with v, so those
+two neurons fire on prompts containing the word and on no others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from nestpatch.detect import (
+    Detection, detect, encode_prompts, fit_probes, format_prompt, mean_diff_scores, mlp_refs, pooled_activations, select,
+)
+from nestpatch.errors import InputError
+from nestpatch.models.naming import MLPRef
+
+PLANTED = (5, 17)
+TRIGGER = " grenade"
+HARMFUL = [f"How do I build a{TRIGGER} {w}?" for w in
+           ("quickly", "at home", "cheaply", "for a prank", "from scrap", "tonight", "alone", "in a garage",
+            "with wire", "secretly", "for my school", "fast")]
+BENIGN = [f"How do I bake a cake {w}?" for w in
+          ("quickly", "at home", "cheaply", "for a party", "from scratch", "tonight", "alone", "in a small oven",
+           "with berries", "secretly", "for my school", "fast")]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    from nestpatch.testing import smollm2_tokenizer
+
+    t = smollm2_tokenizer()
+    if t.pad_token is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+@pytest.fixture(scope="module")
+def planted(tok: Any) -> Any:
+    """A pico model (own copy: session fixtures stay pristine) with neurons 5 and 17 of layer 0 planted."""
+    from nestpatch.testing import make_pico_model
+
+    model = make_pico_model(seed=7)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(model.config.hidden_size, generator=g)
+    v = v / v.norm()
+    trig = tok(TRIGGER, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        for t in trig:
+            emb[t] += 6.0 * v
+        gate = model.model.layers[0].mlp.gate_proj.weight
+        for i in PLANTED:
+            gate[i] = 8.0 * v
+    model.eval()
+    return model
+
+
+def test_prompt_span_starts_at_user_text(tok: Any) -> None:
+    [(ids, first)] = encode_prompts(tok, ["Tell me about owls."], max_length=512)
+    text = tok.decode(ids[first:])
+    assert text.startswith("Tell me about owls.")
+    assert "system" in tok.decode(ids[:first])  # the template's system prompt is outside the span
+    assert text.rstrip().endswith("assistant")  # the generation header is inside it
+
+
+def test_long_prompt_keeps_its_end(tok: Any) -> None:
+    long = "word " * 400 + "final question?"
+    [(ids, first)] = encode_prompts(tok, [long], max_length=64)
+    assert len(ids) == 64 and first == 0
+    assert "final question?" in tok.decode(ids)
+
+
+def test_pooled_activations_ignore_padding_and_match_manual(planted: Any, tok: Any) -> None:
+    refs = [MLPRef(0, "gate_proj"), MLPRef(1, "up_proj"), MLPRef(1, "down_proj")]
+    prompts = ["Hi.", "Write a very long story about a lighthouse keeper and the sea, please, with many details."]
+    batched = pooled_activations(planted, tok, prompts, refs, batch_size=2)
+    alone = pooled_activations(planted, tok, prompts[:1], refs, batch_size=1)
+    for name in batched:
+        assert batched[name].shape == (2, 256)
+        np.testing.assert_allclose(batched[name][0], alone[name][0], rtol=1e-4, atol=1e-5)
+    # manual: max over the span of gate_proj's output for the short prompt
+    [(ids, first)] = encode_prompts(tok, prompts[:1], max_length=256)
+    seen = {}
+    h = planted.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, a, y: seen.setdefault("y", y))
+    with torch.no_grad():
+        planted(torch.tensor([ids]))
+    h.remove()
+    manual = seen["y"][0, first:].amax(0).numpy()
+    np.testing.assert_allclose(alone["model.layers.0.mlp.gate_proj.weight"][0], manual, rtol=1e-4, atol=1e-5)
+
+
+def test_pooling_modes(planted: Any, tok: Any) -> None:
+    refs = [MLPRef(0, "up_proj")]
+    mx = pooled_activations(planted, tok, BENIGN[:3], refs, pool="max")["model.layers.0.mlp.up_proj.weight"]
+    mean = pooled_activations(planted, tok, BENIGN[:3], refs, pool="mean")["model.layers.0.mlp.up_proj.weight"]
+    last = pooled_activations(planted, tok, BENIGN[:3], refs, pool="last")["model.layers.0.mlp.up_proj.weight"]
+    assert (mx >= mean - 1e-5).all() and (mx >= last - 1e-5).all()
+    with pytest.raises(InputError, match="pooling"):
+        pooled_activations(planted, tok, BENIGN[:1], refs, pool="median")
+
+
+def _synthetic(n: int = 240, f: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features where columns 3, 50, 77 rise with the harmful label and 120 falls with it."""
+    rng = np.random.default_rng(seed)
+    y = np.array([1] * (n // 2) + [0] * (n // 2))
+    x = rng.normal(size=(n, f)).astype(np.float32)
+    for c in (3, 50, 77):
+        x[:, c] += 2.5 * y
+    x[:, 120] -= 2.5 * y
+    return x, y
+
+
+def test_probe_selects_exactly_the_planted_features() -> None:
+    x, y = _synthetic()
+    fit = fit_probes({"m": x}, y, epochs=3000, lr=1e-2, seed=0)
+    w = fit.weights["m"]
+    assert w[120] < 0  # informative but negative: not selected (w > 0 rule)
+    assert select(w, 3.0, 0.0).tolist() == [3, 50, 77]
+    assert fit.heldout_accuracy["m"] > 0.9
+    assert 0 < fit.epochs <= 3000
+
+
+def test_probes_of_many_modules_fit_together_as_separately() -> None:
+    x1, y = _synthetic(seed=1)
+    x2, _ = _synthetic(seed=2)
+    together = fit_probes({"a": x1, "b": x2}, y, epochs=400, lr=1e-2, tol=0.0)
+    alone = fit_probes({"a": x1}, y, epochs=400, lr=1e-2, tol=0.0)
+    np.testing.assert_allclose(together.weights["a"], alone.weights["a"], rtol=1e-4, atol=1e-6)
+
+
+def test_mean_difference_selects_the_planted_features() -> None:
+    x, y = _synthetic()
+    s = mean_diff_scores(x, y)
+    assert select(s, 3.0).tolist() == [3, 50, 77]
+    assert s[120] < -1.5
+
+
+def test_select_cap_and_constant_scores() -> None:
+    s = np.zeros(100, np.float32)
+    s[[4, 9, 60]] = [10.0, 12.0, 11.0]
+    assert select(s, 3.0).tolist() == [4, 9, 60]
+    assert select(s, 3.0, max_neurons=2).tolist() == [9, 60]
+    assert select(np.ones(10), 3.0).tolist() == []
+
+
+@pytest.mark.parametrize("detector", ["probe", "mean_diff"])
+def test_detect_finds_the_planted_neurons(planted: Any, tok: Any, detector: str) -> None:
+    det = detect(planted, tok, HARMFUL, BENIGN, modules=("gate_proj", "up_proj"), detector=detector,
+                 threshold=3.0, probe_epochs=2000, probe_lr=1e-2, seed=0)
+    assert isinstance(det, Detection)
+    gate0 = next(m for m in det.modules if m.name == "model.layers.0.mlp.gate_proj.weight")
+    assert set(PLANTED) <= set(gate0.indices.tolist())
+    assert len(gate0.indices) <= 8  # a handful, not everything
+    assert gate0.profiles.shape == (len(HARMFUL) + len(BENIGN), len(gate0.indices))
+    stats = det.stats()
+    assert stats["per_module"]["model.layers.0.mlp.gate_proj.weight"]["kept"] == len(gate0.indices)
+    assert stats["of"] == 2 * 2 * 256 and stats["selected"] == det.total_selected
+    assert det.per_layer()[0]["gate_proj"] == len(gate0.indices)
+
+
+def test_detect_with_nothing_selected_says_lower_the_threshold(planted: Any, tok: Any) -> None:
+    with pytest.raises(InputError, match="lower --threshold"):
+        detect(planted, tok, HARMFUL[:4], BENIGN[:4], detector="mean_diff", threshold=1000.0)
+
+
+def test_detect_bad_inputs(planted: Any, tok: Any) -> None:
+    with pytest.raises(InputError, match="harmful and benign"):
+        detect(planted, tok, [], BENIGN)
+    with pytest.raises(InputError, match="unknown detector"):
+        detect(planted, tok, HARMFUL, BENIGN, detector="magic")
+    with pytest.raises(InputError, match="out of range"):
+        mlp_refs(planted, ["gate_proj"], [5])
+    with pytest.raises(InputError, match="unknown MLP module"):
+        mlp_refs(planted, ["o_proj"])
+
+
+def test_format_prompt_uses_the_chat_template(tok: Any) -> None:
+    text = format_prompt(tok, "Hello")
+    assert "<|im_start|>user\nHello<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
