@@ -52,11 +52,11 @@ from nestpatch.format.writer import compute_digest
 from nestpatch.models.naming import check_architecture, parse_hf_name
 
 from . import gguf_codecs as codecs
-from .gguf_io import CHUNK_BYTES, FileHasher, copy_range, pread_exact, pwrite_all
+from .gguf_io import CHUNK_BYTES, BackgroundWriter, FileHasher, pread_exact, pwrite_all
 from .gguf_layout import GGUFLayout, TensorInfo, align, encode_kv, encode_tensor_info, header_prefix, parse_layout, tensor_nbytes
 from .gguf_region import (
-    Region, apply_chunk_delta, decode_blocks, encode_blocks, iter_row_chunks, make_region, neuron_vectors,
-    read_region, read_rows, region_delta,
+    Region, add_region_delta, apply_chunk_delta, decode_blocks, encode_blocks, iter_row_chunks, make_region, neuron_vectors,
+    read_region, read_rows,
 )
 from .gguf_revert import REVERT_VERSION, revert_gguf
 from .provenance import FoldKey
@@ -148,51 +148,51 @@ def _locate(layout: GGUFLayout, t: Target, label: str) -> Region:
     return make_region(t, info)
 
 
-def _retention(reg: Region, delta: np.ndarray, realized: np.ndarray) -> tuple[float, float]:
-    """:func:`converters.report.retention_stats` on a region, without float64 copies of it.
+def _retention(reg: Region, realized: np.ndarray) -> tuple[float, float]:
+    """:func:`converters.report.retention_stats` of a region's realized change (consumed: modified).
 
     For a col-axis target the intended delta is zero outside the patched columns: the dot
-    products need those columns only, and the rest of the region adds ``||realized||^2`` there.
+    products need those columns only, and the rest of the region adds ``||realized||^2`` to the
+    error. No dense delta and no float64 copy of the region is made.
     """
+    nd = reg.target.neuron_deltas()  # (n, d)
     if reg.axis == AXIS_ROW:
-        return retention_stats(delta, realized)
+        return retention_stats(nd, realized)  # (n, d) both
     pos = reg.col_positions()
-    ret, err = retention_stats(delta[:, pos], realized[:, pos])  # (R, n) each
-    off = realized.copy()  # (R, B*bs)
-    off[:, pos] = 0.0
-    off_sq = float(np.dot(off.ravel(), off.ravel()))
-    if off_sq == 0.0:
-        return ret, err
-    denom = float(np.linalg.norm(delta[:, pos].astype(np.float64)))
-    if denom == 0.0:
+    ret, err = retention_stats(nd.T, realized[:, pos])  # (R, n) both
+    realized[:, pos] = 0.0
+    off_sq = float(np.dot(realized.ravel(), realized.ravel()))
+    denom = float(np.linalg.norm(nd.astype(np.float64)))
+    if off_sq == 0.0 or denom == 0.0:
         return ret, err
     return ret, float(np.sqrt((err * denom) ** 2 + off_sq)) / denom
 
 
 def _decide(reg: Region, precision: str, threshold: float, label: str) -> None:
-    """Choose the output type of one region, encode it, and measure retention."""
+    """Choose the output type of one region, encode it, and measure retention (float32 throughout)."""
     qt, bs = reg.info.qtype, reg.bs
-    base = decode_blocks(reg.raw, qt, bs)  # (R, B*bs)
-    delta = region_delta(reg)  # (R, B*bs)
-    new = base + delta
     gname = reg.info.name
-    if not np.isfinite(new).all():
+    base = decode_blocks(reg.raw, qt, bs)  # (R, B*bs)
+    new = base.copy()
+    changed = add_region_delta(reg, new)  # the patched values, (n, d) or (R, n)
+    if not np.isfinite(changed).all():
         raise InputError(f"{label}: folding produces non-finite values in tensor {gname}")
     cands = candidate_types(qt, reg.info.row_len, precision)
     for i, ct in enumerate(cands):
         if ct == qt:
             enc = encode_blocks(new, ct, bs)  # (R, B, ts)
-            realized = decode_blocks(enc, ct, bs) - base
+            realized = decode_blocks(enc, ct, bs)
+            realized -= base
             new_raw: np.ndarray | None = enc
         else:
-            after = decode_blocks(encode_blocks(new, ct, bs), ct, bs)
-            realized = after - decode_blocks(encode_blocks(base, ct, bs), ct, bs)
+            realized = decode_blocks(encode_blocks(new, ct, bs), ct, bs)
+            realized -= decode_blocks(encode_blocks(base, ct, bs), ct, bs)
             new_raw = None
         if not np.isfinite(realized).all():
             if i + 1 < len(cands):
                 continue
             raise InputError(f"{label}: folding produces values out of range for {ct.name} in tensor {gname}")
-        ret, err = _retention(reg, delta, realized)
+        ret, err = _retention(reg, realized)
         if precision != "auto" or ret >= threshold or i + 1 == len(cands):
             reg.out_type, reg.new_raw, reg.retention, reg.rel_error = ct, new_raw, ret, err
             if ct != qt:
@@ -219,25 +219,47 @@ class _Slot:
         return self.out_type != self.info.qtype
 
 
+def _is_packed(layout: GGUFLayout) -> bool:
+    """Whether tensors sit back to back in info order, each padded to the alignment (as llama.cpp requires)."""
+    off = 0
+    for info in layout.tensors:
+        if info.offset != off:
+            return False
+        off += align(info.nbytes, layout.alignment)
+    return True
+
+
 def _layout_slots(layout: GGUFLayout, regions: dict[str, Region]) -> list[_Slot]:
-    """Output offsets: unchanged until a retyped tensor grows, shifted by aligned amounts after it."""
-    order = sorted(layout.tensors, key=lambda t: t.offset)
-    slots: list[_Slot] = []
-    shift = 0
-    prev_end = 0
-    for info in order:
-        if info.offset < prev_end:
-            raise FormatError(f"{layout.path}: tensor {info.name} overlaps the tensor before it")
-        prev_end = info.offset + info.nbytes
+    """Output offsets, in data order. Unchanged while no tensor changes size.
+
+    llama.cpp refuses a file whose tensors are not packed back to back in info order; a packed
+    input gets packed output offsets. An input that is not packed keeps its gaps, shifted after
+    a tensor that grew.
+    """
+    def out_type(info: TensorInfo) -> QType:
         reg = regions.get(info.name)
-        out_type = reg.out_type if reg is not None and reg.out_type is not None else info.qtype
-        s = _Slot(info, out_type, info.offset + shift, reg)
-        grow = s.out_nbytes - info.nbytes
-        if grow < 0:
-            raise AssertionError(f"{info.name}: a fold never shrinks a tensor")
-        shift += align(grow, layout.alignment)
-        slots.append(s)
-    return slots
+        return reg.out_type if reg is not None and reg.out_type is not None else info.qtype
+
+    slots: list[_Slot] = []
+    if _is_packed(layout):
+        off = 0
+        for info in layout.tensors:
+            s = _Slot(info, out_type(info), off, regions.get(info.name))
+            off += align(s.out_nbytes, layout.alignment)
+            slots.append(s)
+    else:
+        shift, prev_end = 0, 0
+        for info in sorted(layout.tensors, key=lambda t: t.offset):
+            if info.offset < prev_end:
+                raise FormatError(f"{layout.path}: tensor {info.name} overlaps the tensor before it")
+            prev_end = info.offset + info.nbytes
+            s = _Slot(info, out_type(info), info.offset + shift, regions.get(info.name))
+            shift += align(s.out_nbytes - info.nbytes, layout.alignment)
+            slots.append(s)
+    for s in slots:
+        if s.out_nbytes < s.info.nbytes:
+            raise AssertionError(f"{s.info.name}: a fold never shrinks a tensor")
+    return sorted(slots, key=lambda s: s.info.offset)
 
 
 # ------------------------------------------------------------------------------------------ payload
@@ -272,14 +294,13 @@ class _Payload:
                 h.update(p)
         return h.hexdigest()
 
-    def write(self, src: int, dst: int, at: int, tick: Callable[[int], None]) -> None:
+    def jobs(self, at: int) -> list[tuple]:
+        """Jobs for :class:`BackgroundWriter` that write the payload at ``at``."""
+        out: list[tuple] = []
         for n, p in self.pieces:
-            if isinstance(p, tuple):
-                copy_range(src, dst, n, p[0], at, tick)
-            else:
-                pwrite_all(dst, p, at)
-                tick(n)
+            out.append(("copy", p[0], at, n) if isinstance(p, tuple) else ("write", p, at))
             at += n
+        return out
 
 
 def _build_payload(fd: int, layout: GGUFLayout, slots: list[_Slot]) -> tuple[_Payload, dict]:
@@ -460,9 +481,13 @@ def fold_gguf(model_path: str | os.PathLike, patch: Patch, out_path: str | os.Pa
             reg.raw = read_region(src, layout.data_start, reg)
             base = decode_blocks(reg.raw, reg.info.qtype, reg.bs)  # (R, B*bs)
             check_base(patch, lambda t, b=base, r=reg: neuron_vectors(r, b), label, targets=[reg.target])
+        decide_late = precision != "auto"  # only auto needs the float work to know the output types
         for reg in regions:
-            _decide(reg, precision, auto_threshold, label)
-        report = _write(src, layout, patch, regions, out_path, precision, progress, label)
+            if decide_late:
+                reg.out_type = candidate_types(reg.info.qtype, reg.info.row_len, precision)[0]
+            else:
+                _decide(reg, precision, auto_threshold, label)
+        report = _write(src, layout, patch, regions, out_path, precision, progress, label, auto_threshold, decide_late)
     finally:
         os.close(src)
     report.seconds = time.perf_counter() - t0
@@ -472,7 +497,9 @@ def fold_gguf(model_path: str | os.PathLike, patch: Patch, out_path: str | os.Pa
 
 
 def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], out_path: Path, precision: str,
-           progress: Any, label: str) -> FoldReport:
+           progress: Any, label: str, auto_threshold: float, decide_late: bool) -> FoldReport:
+    """Write the output. With ``decide_late`` the types are already fixed and the float work of
+    each target runs while a second thread copies the untouched bytes."""
     regs = {r.info.name: r for r in regions}
     slots = _layout_slots(layout, regs)
     slot_of = {s.info.name: s for s in slots}
@@ -501,24 +528,42 @@ def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], ou
     tick = _Progress(progress, (out_data_end - out_data) + payload.size, f"fold {out_path.name}")
     hasher = FileHasher(layout.path)
     hasher.start()
+    writer: BackgroundWriter | None = None
     try:
         with atomic_path(out_path) as tmp:
             dst = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
             try:
                 os.ftruncate(dst, total)  # every byte not written below is zero padding
                 pwrite_all(dst, header, 0)
-                for src_abs, dst_rel, n in _copy_plan(layout, slots):
-                    copy_range(src, dst, n, src_abs, out_data + dst_rel, tick)
+                jobs = [("copy", a, out_data + b, n) for a, b, n in _copy_plan(layout, slots)] + payload.jobs(payload_at)
+                writer = BackgroundWriter(src, dst, jobs)
+                writer.start()
+                seen = 0
+
+                def pump(n: int = 0) -> None:
+                    nonlocal seen
+                    d = writer.done_bytes
+                    tick(d - seen + n)
+                    seen = d
+
+                for reg in (regions if decide_late else []):  # float work overlaps the copy
+                    _decide(reg, precision, auto_threshold, label)
+                    pump()
                 for s in slots:
-                    if s.region is None:
-                        continue
-                    if s.retyped:
-                        _write_retyped(src, dst, layout, s, out_data, tick)
-                    else:
+                    if s.region is not None and s.retyped:
+                        _write_retyped(src, dst, layout, s, out_data, pump)
+                while writer.is_alive():
+                    writer.join(0.1)
+                    pump()
+                writer.check()
+                for s in slots:  # after the copy: these overwrite blocks of copied tensors
+                    if s.region is not None and not s.retyped:
                         _write_blocks(src, dst, layout, s, out_data)
-                payload.write(src, dst, payload_at, tick)
                 pwrite_all(dst, hasher.result().encode("ascii"), sha_pos)
             finally:
+                if writer is not None:
+                    writer.cancel()
+                    writer.join()
                 os.close(dst)
     finally:
         hasher.cancel()

@@ -36,12 +36,18 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
+class Cancelled(Exception):
+    """A background copy was told to stop."""
+
+
 def copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int,
-               tick: Callable[[int], None] | None = None) -> None:
+               tick: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
     """Copy ``n`` bytes between files at explicit offsets, in the kernel where possible."""
     step = 64 << 20
     use_kernel = hasattr(os, "copy_file_range")
     while n > 0:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
         k = min(step, n)
         done = 0
         if use_kernel:
@@ -110,3 +116,46 @@ def sha256_fd(fd: int, size: int) -> str:
         h.update(b)
         off += len(b)
     return h.hexdigest()
+
+
+class BackgroundWriter(threading.Thread):
+    """Runs byte-moving jobs (kernel copies, buffer writes) on a second thread, in order.
+
+    The fold's float work runs in the caller's thread meanwhile: the copy is I/O bound, the float
+    work CPU bound, so the wall time is close to the larger of the two. Progress is read by the
+    caller (``done_bytes``) so that callbacks and tqdm stay in the caller's thread.
+
+    Jobs: ``("copy", src_offset, dst_offset, n)`` or ``("write", data, dst_offset)``.
+    """
+
+    def __init__(self, src: int, dst: int, jobs: list[tuple]) -> None:
+        super().__init__(daemon=True, name="nestpatch-copy")
+        self.src, self.dst, self.jobs = src, dst, jobs
+        self.done_bytes = 0
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+
+    def _add(self, n: int) -> None:
+        self.done_bytes += n
+
+    def run(self) -> None:
+        try:
+            for job in self.jobs:
+                if job[0] == "copy":
+                    copy_range(self.src, self.dst, job[3], job[1], job[2], self._add, self._cancel)
+                else:
+                    if self._cancel.is_set():
+                        raise Cancelled()
+                    pwrite_all(self.dst, job[1], job[2])
+                    self._add(len(job[1]))
+        except Cancelled:
+            pass
+        except BaseException as e:  # re-raised in the caller by check()
+            self.error = e
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error

@@ -114,14 +114,18 @@ def encode_blocks(values: np.ndarray, qtype: QType, bs: int) -> np.ndarray:
     return enc.reshape(r, b, enc.shape[-1])
 
 
-def region_delta(reg: Region) -> np.ndarray:
-    """The intended float update on the region's values, float32 ``(R, B * bs)``."""
+def add_region_delta(reg: Region, values: np.ndarray) -> np.ndarray:
+    """Add the patch to the decoded region ``(R, B * bs)`` in place; return the changed values.
+
+    Returns ``(n, d)`` (row axis: whole rows) or ``(R, n)`` (col axis: the patched columns).
+    """
     nd = reg.target.neuron_deltas()  # (n, d)
     if reg.axis == AXIS_ROW:
-        return nd.astype(np.float32, copy=False)  # rows are the neurons, blocks cover the full row
-    delta = np.zeros((reg.rows.shape[0], reg.blocks.shape[0] * reg.bs), dtype=np.float32)
-    delta[:, reg.col_positions()] = nd.T  # (R, n)
-    return delta
+        values += nd  # rows are the neurons, blocks cover the full row
+        return values
+    pos = reg.col_positions()
+    values[:, pos] += nd.T  # (R, n)
+    return values[:, pos]
 
 
 def neuron_vectors(reg: Region, base: np.ndarray) -> np.ndarray:

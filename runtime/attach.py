@@ -77,24 +77,25 @@ def _model_description(model: Any) -> dict:
     return out
 
 
-def verify_signature(patch: Patch, public_key: Any) -> None:
+def verify_signature(patch: Patch | str | os.PathLike, public_key: Any) -> None:
     """Refuse an unsigned patch or one whose signature does not verify with ``public_key``.
 
-    ``public_key`` is a callable ``(patch) -> None`` that raises on failure, or a public key
-    (path, PEM/raw bytes or string) handed to ``nestpatch.audit.signing.verify_signature``.
+    Args:
+        patch: the patch, or better its file (the check then covers the file's exact bytes).
+        public_key: a callable ``(patch) -> None`` that raises on failure, or a public key (a file
+            path, PEM/OpenSSH/hex text or bytes) for ``nestpatch.audit.signing.require_signature``.
+
+    Raises:
+        SignatureError: unsigned, signed by another key, or changed since signing.
     """
     if callable(public_key):
         public_key(patch)
         return
-    if patch.signature is None:
-        raise InputError("patch is not signed, and a signature is required (--require-signature)")
     try:
-        from nestpatch.audit import signing  # type: ignore[attr-defined]
+        from nestpatch.audit.signing import require_signature
     except ImportError:
         raise UnsupportedError("signature verification is not available (nestpatch.audit.signing is missing)") from None
-    if isinstance(public_key, (str, os.PathLike)) and os.path.exists(public_key):
-        public_key = open(public_key, "rb").read()
-    signing.verify_signature(patch, public_key)
+    require_signature(patch, public_key)
 
 
 @dataclass

@@ -121,6 +121,11 @@ def open_chat(model: str | os.PathLike, patch: Patch | str | os.PathLike | None 
     if patch is not None and not isinstance(patch, Patch):
         if not Path(patch).is_file():
             raise InputError(f"{patch}: no such patch file")
+        if require_signature is not None:  # on the file's exact bytes; not again below
+            from .attach import verify_signature
+
+            verify_signature(patch, require_signature)
+            require_signature = None
         patch = read_patch(patch)
     if backend == "auto":
         backend = "llama" if path.suffix == ".gguf" else "torch"

@@ -109,14 +109,27 @@ def test_shape_mismatch_is_refused():
         attach(wider, patch)
 
 
-def test_require_signature_refuses_unsigned_patch():
+def test_require_signature(tmp_path):
+    pytest.importorskip("cryptography")
+    from nestpatch.audit.signing import generate_keypair, sign_patch
+    from nestpatch.errors import SignatureError
+
     model = make_pico_model(seed=0)
-    patch = random_patch(model, seed=10)
-    with pytest.raises(InputError, match="not signed"):
-        attach(model, patch, require_signature=b"any-key")
+    before = _state(model)
+    path = write_patch(random_patch(model, seed=10), tmp_path / "p.nestpatch")
+    key, pub, _ = generate_keypair(tmp_path / "k")
+    with pytest.raises(SignatureError, match="not signed"):
+        attach(model, read_patch(path), require_signature=pub)
+    sign_patch(path, key)
+    signed = read_patch(path)
+    attach(model, signed, require_signature=pub).detach()
+    other_key, other_pub, _ = generate_keypair(tmp_path / "other")
+    with pytest.raises(SignatureError, match="another key"):
+        attach(model, signed, require_signature=other_pub)
+    _assert_bit_equal(_state(model), before)
     seen = []
-    attach(model, patch, require_signature=seen.append).detach()  # a checking callable
-    assert seen == [patch]
+    attach(model, signed, require_signature=seen.append).detach()  # a checking callable
+    assert seen == [signed]
 
 
 def test_non_finite_result_rolls_back():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,16 @@ def test_real_process_exit_code(workdir):
                            str(workdir / "pico"), "-o", str(workdir / "pico")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "output is the input" in proc.stderr
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_dir_exit_2(workdir):
+    ro = workdir / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert_one_line_error(run("apply", workdir / "pico", "-o", ro / "out"), "not writable")
+        assert_one_line_error(run("export-lora", workdir / "pico.nestpatch", "--format", "gguf", "-o", ro / "a.gguf"),
+                              "not writable")
+    finally:
+        ro.chmod(0o755)

@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from nestpatch.converters.provenance import FoldKey
 from nestpatch.converters.safetensors_fold import SIDECAR_NAME, fold_safetensors, revert_safetensors, sidecar_path
-from nestpatch.format import compute_digest
 from nestpatch.errors import BaseMismatchError, FormatError, InputError, UnsupportedError
+from nestpatch.format import compute_digest
 from nestpatch.testing import write_hf_dir
 
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -208,14 +208,16 @@ def render_markdown(table: dict) -> str:
         out.append(f"- **{r['label']}**: {r['scope']}" + (f" ({'; '.join(extra)})" if extra else "") +
                    (f"; artifact `{r['artifact']}`" if r.get("artifact") else "") +
                    (f"; folded `{r['folded']}`" if r.get("folded") else ""))
+    sp = table.get("speed") or {}
     out += ["", "Notes:", "",
             "- Artifacts store 16-bit weights for every method (NeST deltas F16, LoRA/CB adapters and full weights float16).",
             "- Train s is the method's own work: NeST's detection, clustering and optimizer loop; the baselines' optimizer "
             "loops (circuit breakers also generate the base's answers to the harmful prompts they reroute). The refusal "
             "targets and the base answers for the retain term are shared by all methods and not counted.",
             "- Peak RSS is the resident memory peak of the training process (model, optimizer, activations).",
-            "- tok/s: greedy decode of the folded model at batch 1, fixed 64-token continuation, median of interleaved rounds; "
-            "folded models keep the base file's tensor types (only changed tensors are re-encoded).",
+            f"- tok/s: greedy decode of the folded model at batch 1, a fixed {sp.get('new_tokens', '?')}-token continuation "
+            f"(prompt not timed), median of {sp.get('rounds', '?')} interleaved rounds; folded GGUFs keep the base file's tensor "
+            "types (only changed tensors are re-encoded), so differences are noise of the shared machine unless large.",
             "- A refusal-phrase judge counts broken or off-topic text as compliance: circuit breakers, whose rerouted "
             "outputs are often broken text rather than refusals, are judged pessimistically by it.",
             "", "Targets:", ""]

@@ -19,15 +19,14 @@ Run directory::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..atomic import atomic_path
 from ..errors import InputError, UnsupportedError
@@ -444,8 +443,6 @@ def evaluate_backend(backend: Backend, suites: Sequence[Suite], *, out_dir: str 
         model, patch: descriptions for the summary (digests, paths); ``model["sha256"]`` and
             ``patch["content_digest"]`` pin the run for ``--resume``.
     """
-    import torch
-
     out = Path(out_dir)
     judges = list(judges) if judges is not None else build_judges(options)
     suites = [s.limited(options.limit) for s in suites]
@@ -468,7 +465,10 @@ def evaluate_backend(backend: Backend, suites: Sequence[Suite], *, out_dir: str 
         "suites": [s.name for s in suites], "variants": variants,
     }
     _prepare_run_dir(out, run, options.resume)
-    torch.manual_seed(options.seed)
+    if isinstance(backend, TorchBackend):  # greedy decoding needs no seed; recorded, and set for any sampling layer
+        import torch
+
+        torch.manual_seed(options.seed)
     wall: dict[str, float] = {}
     for s in suites:
         t0 = time.perf_counter()
@@ -526,8 +526,12 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
         patch_path = Path(patch)
         if not patch_path.is_file():
             raise InputError(f"{patch_path}: no such patch file")
+        if opts.require_signature is not None:  # on the file's exact bytes, before using it
+            from nestpatch.runtime.attach import verify_signature
+
+            verify_signature(patch_path, opts.require_signature)
         patch = read_patch(patch_path)
-    if patch is not None and opts.require_signature is not None:
+    elif patch is not None and opts.require_signature is not None:
         from nestpatch.runtime.attach import verify_signature
 
         verify_signature(patch, opts.require_signature)
