@@ -94,7 +94,8 @@ from nestpatch.converters.gguf_fold import fold_gguf
 t = time.perf_counter()
 rep = fold_gguf(sys.argv[1], read_patch(sys.argv[2]), sys.argv[3], precision=sys.argv[4], progress=False)
 dt = time.perf_counter() - t
-print(json.dumps({"seconds": dt, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": dt, "maxrss_kb": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime,
                   "bytes_out": rep.bytes_out, "min_retention": rep.min_retention,
                   "types_out": sorted({x.type_out for x in rep.targets})}))
 """
@@ -144,12 +145,15 @@ def main() -> None:
         with open(model, "rb") as f:  # warm the page cache so copy and fold read alike
             while f.read(64 << 20):
                 pass
-        copies, folds, rss, last = [], [], [], {}
+        copies, folds, rss, last, copy_cpu, fold_cpu = [], [], [], {}, [], []
         for r in range(args.rounds):
             dst = work / "copy.gguf"
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t = time.perf_counter()
             shutil.copyfile(model, dst)
             copies.append(time.perf_counter() - t)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            copy_cpu.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
             _drop(dst)
             out = work / "folded.gguf"
             proc = subprocess.run([sys.executable, "-c", _FOLD_CHILD, str(model), str(patch_path), str(out), args.precision],
@@ -157,13 +161,17 @@ def main() -> None:
             last = json.loads(proc.stdout.strip().splitlines()[-1])
             folds.append(last["seconds"])
             rss.append(last["maxrss_kb"] / 1024)
+            fold_cpu.append(last["cpu_s"])
             _drop(out)
-            print(f"round {r + 1}: copy {copies[-1]:.2f} s, fold {folds[-1]:.2f} s, fold peak RSS {rss[-1]:.0f} MB")
+            print(f"round {r + 1}: copy {copies[-1]:.2f} s (cpu {copy_cpu[-1]:.2f} s), fold {folds[-1]:.2f} s "
+                  f"(cpu {fold_cpu[-1]:.2f} s, imports included), fold peak RSS {rss[-1]:.0f} MB", flush=True)
         res = {
             "model_bytes": size, "qtype": args.qtype, "n_layers": n_layers, "d_model": d, "n_ff": ff,
             "targets": len(patch.targets), "neurons": patch.n_neurons, "precision": args.precision,
             "copy_s_median": statistics.median(copies), "fold_s_median": statistics.median(folds),
             "fold_over_copy": statistics.median(folds) / statistics.median(copies),
+            "copy_cpu_s_median": statistics.median(copy_cpu), "fold_cpu_s_median": statistics.median(fold_cpu),
+            "load_avg_1m_at_end": os.getloadavg()[0],
             "fold_peak_rss_mb": max(rss), "bytes_out": last.get("bytes_out"), "min_retention": last.get("min_retention"),
             "types_out": last.get("types_out"), "rounds": args.rounds, "cpu_count": os.cpu_count(),
             "python": platform.python_version(),

@@ -403,8 +403,9 @@ def _write_retyped(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: i
         tick(raw.nbytes)
 
 
-def _write_blocks(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: int) -> None:
-    """Overwrite the touched blocks of a same-type tensor (already copied) with their new bytes."""
+def _write_blocks(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: int, tick: Callable[[int], None]) -> None:
+    """Write a same-type touched tensor: row axis, the new rows over the copied tensor; col axis,
+    the whole tensor from the input in chunks with the touched blocks replaced."""
     info, reg = s.info, s.region
     assert reg is not None and reg.new_raw is not None
     rb, ts = info.row_bytes, codecs.type_size(info.qtype)
@@ -418,15 +419,21 @@ def _write_blocks(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: in
         chunk = read_rows(src, layout.data_start, info, r0, r1).reshape(r1 - r0, nb_row, ts).copy()
         chunk[:, reg.blocks] = reg.new_raw[r0:r1]
         pwrite_all(dst, chunk, dst_base + r0 * rb)
+        tick(chunk.nbytes)
+
+
+def _streamed(s: _Slot) -> bool:
+    """Tensors the main thread writes whole: retyped ones, and col-axis targets (every row changes)."""
+    return s.region is not None and (s.retyped or s.region.all_rows)
 
 
 def _copy_plan(layout: GGUFLayout, slots: list[_Slot]) -> list[tuple[int, int, int]]:
-    """``(src_abs, dst_rel, n)`` copies of same-size tensors, merged (with the padding between them)
-    while their shift stays the same."""
+    """``(src_abs, dst_rel, n)`` kernel copies of the tensors not streamed, merged (with the padding
+    between them) while their shift stays the same."""
     spans: list[list[int]] = []
     prev: _Slot | None = None
     for s in slots:
-        if s.retyped:
+        if _streamed(s):
             prev = None
             continue
         src = layout.data_start + s.info.offset
@@ -531,7 +538,7 @@ def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], ou
     writer: BackgroundWriter | None = None
     try:
         with atomic_path(out_path) as tmp:
-            dst = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            dst = os.open(tmp, os.O_WRONLY)  # mkstemp made it empty; no O_TRUNC (ext4 flushes truncated files on close)
             try:
                 os.ftruncate(dst, total)  # every byte not written below is zero padding
                 pwrite_all(dst, header, 0)
@@ -550,15 +557,18 @@ def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], ou
                     _decide(reg, precision, auto_threshold, label)
                     pump()
                 for s in slots:
-                    if s.region is not None and s.retyped:
-                        _write_retyped(src, dst, layout, s, out_data, pump)
+                    if _streamed(s):
+                        if s.retyped:
+                            _write_retyped(src, dst, layout, s, out_data, pump)
+                        else:
+                            _write_blocks(src, dst, layout, s, out_data, pump)
                 while writer.is_alive():
                     writer.join(0.1)
                     pump()
                 writer.check()
-                for s in slots:  # after the copy: these overwrite blocks of copied tensors
-                    if s.region is not None and not s.retyped:
-                        _write_blocks(src, dst, layout, s, out_data)
+                for s in slots:  # after the copy: these overwrite whole rows of copied tensors
+                    if s.region is not None and not _streamed(s):
+                        _write_blocks(src, dst, layout, s, out_data, pump)
                 pwrite_all(dst, hasher.result().encode("ascii"), sha_pos)
             finally:
                 if writer is not None:

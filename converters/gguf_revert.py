@@ -102,7 +102,7 @@ def _restore(src: int, layout: GGUFLayout, rec: dict, n_kv: int, payload_at: int
     expected_sha = layout.kv(FoldKey.SOURCE_SHA256)
 
     with atomic_path(out_path) as tmp:
-        dst = os.open(tmp, os.O_RDWR | os.O_TRUNC)
+        dst = os.open(tmp, os.O_RDWR)  # mkstemp made it empty
         try:
             os.ftruncate(dst, size)
             pwrite_all(dst, header, 0)

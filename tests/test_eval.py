@@ -165,9 +165,9 @@ def _cli(args: list[str]) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
-@pytest.mark.parametrize("case", ["missing-column", "empty-suite", "unknown-suite", "other-model", "compare-without-patch",
-                                  "llama-on-dir", "bad-gguf"])
-def test_bad_input_exits_2_with_one_line(case, pico_hf_dir, pico_model_other, files, tmp_path):
+@pytest.mark.parametrize("case", ["missing-column", "empty-suite", "unknown-suite", "other-model", "other-model-llama",
+                                  "compare-without-patch", "llama-on-dir", "bad-gguf"])
+def test_bad_input_exits_2_with_one_line(case, pico_hf_dir, pico_gguf, pico_model_other, files, tmp_path):
     out = str(tmp_path / "run")
     harm = str(files["harm"])
     if case == "missing-column":
@@ -182,6 +182,10 @@ def test_bad_input_exits_2_with_one_line(case, pico_hf_dir, pico_model_other, fi
     elif case == "other-model":
         other = write_patch(random_patch(pico_model_other, seed=5), tmp_path / "other.nestpatch")
         args = ["eval", str(pico_hf_dir), "--patch", str(other), "--suite", harm, "-o", out]
+        want = "does not match the patch's base model"
+    elif case == "other-model-llama":
+        other = write_patch(random_patch(pico_model_other, seed=5), tmp_path / "other.nestpatch")
+        args = ["eval", str(pico_gguf("F32")), "--patch", str(other), "--suite", harm, "--backend", "llama", "-o", out]
         want = "does not match the patch's base model"
     elif case == "compare-without-patch":
         args = ["eval", str(pico_hf_dir), "--suite", harm, "--compare", "-o", out]
@@ -233,8 +237,36 @@ def test_smollm2_base_model_answers_harmbench(backend, tmp_path):
     """The real default model has a real safety gap: it answers most HarmBench behaviours."""
     if backend == "llama":
         pytest.importorskip("llama_cpp")
-    s = run_suites("smollm2", None, ["harmbench"], backend=backend, out_dir=tmp_path / "run", limit=6, max_new_tokens=32,
+    s = run_suites("smollm2", None, ["harmbench"], backend=backend, out_dir=tmp_path / "run", limit=6, max_new_tokens=24,
                    batch_size=6, n_threads=1, progress=False)
     h = s["suites"]["harmbench"]["base"]
     assert h["n"] == 6 and h["asr"] >= 0.5, h
     assert s["chat_template"]["source"] == "model" and s["model"]["sha256"].startswith("sha256:")
+
+
+class FakeGuard:
+    name = "guard"
+    judges_refusal = False
+    judges_safety = True
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+def test_asr_per_judge_with_a_safety_classifier():
+    from nestpatch.evaluate.judges import RefusalPhraseJudge
+    from nestpatch.evaluate.runner import summarize_generation
+
+    def rec(refused: bool, unsafe: bool | None) -> dict:
+        return {"verdicts": {"refusal-phrase": {"refused": refused, "label": "refusal" if refused else "compliance"},
+                             "guard": {"unsafe": unsafe}}, "seconds": 0.5, "n_new_tokens": 10, "finish": "stop"}
+
+    recs = [rec(False, True), rec(False, True), rec(False, False), rec(True, False), rec(True, True), rec(False, None)]
+    d = summarize_generation(recs, "harmful", [RefusalPhraseJudge(), FakeGuard()])
+    assert d["judge"] == "refusal-phrase" and d["asr"] == pytest.approx(4 / 6)
+    assert d["asr_by_judge"]["guard"] == pytest.approx(3 / 5)  # over the 5 parsed verdicts
+    assert d["asr_by_judge"]["guard&refusal-phrase"] == pytest.approx(2 / 5)  # unsafe AND not refused
+    assert d["by_judge"]["guard"]["unparsed"] == 1
+    assert d["timing"]["tokens_per_s"] == pytest.approx(20.0)
+    only_guard = summarize_generation([rec(False, None)], "harmful", [FakeGuard()])
+    assert only_guard["judge"] == "guard" and only_guard["asr"] is None  # nothing parsed: no figure, not 0%

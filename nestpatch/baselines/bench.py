@@ -63,6 +63,7 @@ class BenchConfig:
         suites: evaluation suites (``harmful-heldout`` is the bench's own held-out split).
         limit: evaluate only the first N prompts of each suite.
         max_new_tokens, eval_batch_size: greedy decoding settings of the evaluation.
+        utility_reply_tokens: length of the base answers the KL to the base is measured on.
         speed, speed_rounds, speed_tokens: decode tokens/s of the folded models.
         threads: CPU threads for torch and llama.cpp (None: their defaults).
         isolate: one process per method (exact peak memory); off runs everything in this process.
@@ -79,6 +80,7 @@ class BenchConfig:
     limit: int | None = None
     max_new_tokens: int = 64
     eval_batch_size: int = 8
+    utility_reply_tokens: int = 32
     speed: bool = True
     speed_rounds: int = 3
     speed_tokens: int = 64
@@ -145,7 +147,8 @@ def machine() -> dict[str, Any]:
 
 
 def _job(cfg: BenchConfig, name: str, tc: TrainConfig) -> Job:
-    ev = EvalSettings(limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, seed=int(tc.seed or 0))
+    ev = EvalSettings(limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                      utility_reply_tokens=cfg.utility_reply_tokens, seed=int(tc.seed or 0))
     opts = {} if name == BASE else get_method(name).options(cfg.method_options.get(name))
     return Job(method=name, model=cfg.model, out_dir=str(Path(cfg.out_dir) / name), train_config=tc.to_dict(), options=opts,
                suites=list(cfg.suites), eval=dataclasses.asdict(ev), data_cache=str(Path(cfg.out_dir) / DATA_CACHE),
@@ -263,6 +266,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     tc = cfg.shared_train_config()
     write_json(out / BENCH_FILE, {"model": cfg.model, "methods": cfg.methods, "suites": cfg.suites, "limit": cfg.limit,
                                   "max_new_tokens": cfg.max_new_tokens, "eval_batch_size": cfg.eval_batch_size,
+                                  "utility_reply_tokens": cfg.utility_reply_tokens,
                                   "method_options": {m: get_method(m).options(cfg.method_options.get(m)) for m in cfg.methods},
                                   "train_config": tc.to_dict(), "threads": cfg.threads, "isolate": cfg.isolate,
                                   "libraries": library_versions(), "machine": machine(),

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ..models.loading import LoadedModel
-from .common import ARTIFACT_DIR, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, read_jsonl
+from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ def train(ctx: MethodContext) -> TrainOutcome:
     t = dict(result.timings)
     own = round(float(t.get("detect_cluster_s", 0.0)) + float(t.get("train_s", 0.0)), 3)
     paths = OutputPaths.for_output(cfg.out)
+    if paths.log.exists():  # every method's step log sits at METHOD/train.jsonl
+        shutil.copyfile(paths.log, ctx.out_dir / TRAIN_LOG)
     first, final = loss_summary(read_jsonl(paths.log), ("refusal", "retain", "total"))
     patch = result.patch
     det = result.detection
