@@ -272,11 +272,11 @@ class _Payload:
     pieces: list[tuple[int, Any]]  # (length, bytes | (src_offset,))
     size: int = 0
 
-    def add_bytes(self, b: bytes) -> list[int]:
-        off = self.size
-        self.pieces.append((len(b), b))
-        self.size += len(b)
-        return [off, len(b)]
+    def add_bytes(self, b: bytes | memoryview) -> list[int]:
+        off, n = self.size, memoryview(b).nbytes
+        self.pieces.append((n, b))
+        self.size += n
+        return [off, n]
 
     def add_span(self, src_off: int, n: int) -> list[int]:
         off = self.size
@@ -337,7 +337,7 @@ def _build_payload(fd: int, layout: GGUFLayout, slots: list[_Slot]) -> tuple[_Pa
             entry["rows"] = None if reg.all_rows else [int(r) for r in reg.rows]
             full = reg.blocks.shape[0] == reg.info.row_len // reg.bs
             entry["blocks"] = None if full else [int(b) for b in reg.blocks]
-            entry["payload"] = pay.add_bytes(np.ascontiguousarray(reg.raw).tobytes())
+            entry["payload"] = pay.add_bytes(memoryview(np.ascontiguousarray(reg.raw)).cast("B"))  # no copy
         tensors.append(entry)
     rec["tensors"] = tensors
     return pay, rec
@@ -387,7 +387,7 @@ def _kv_entries(patch: Patch, precision: str, targets: list[str], revert: dict) 
     return out, len(items) + 2, sha_at
 
 
-def _write_retyped(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: int, tick: Callable[[int], None]) -> None:
+def _write_retyped(src: int, out: BackgroundWriter, layout: GGUFLayout, s: _Slot, out_data: int, tick: Callable[[int], None]) -> None:
     """Stream a tensor whose type changes: decode chunk, add the patch, encode in the new type."""
     info, reg = s.info, s.region
     assert reg is not None
@@ -399,11 +399,12 @@ def _write_retyped(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: i
         vals = codecs.dequantize_rows(raw, info.qtype, info.row_len)  # (rows, n)
         apply_chunk_delta(reg, vals, r0)
         enc = codecs.quantize_rows(vals, s.out_type)  # (rows, out_row_bytes)
-        pwrite_all(dst, enc, out_data + s.out_off + r0 * out_rb)
-        tick(raw.nbytes)
+        out.put(memoryview(enc).cast("B"), out_data + s.out_off + r0 * out_rb)
+        tick(0)
 
 
-def _write_blocks(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: int, tick: Callable[[int], None]) -> None:
+def _write_blocks(src: int, out: BackgroundWriter | int, layout: GGUFLayout, s: _Slot, out_data: int,
+                  tick: Callable[[int], None]) -> None:
     """Write a same-type touched tensor: row axis, the new rows over the copied tensor; col axis,
     the whole tensor from the input in chunks with the touched blocks replaced."""
     info, reg = s.info, s.region
@@ -411,15 +412,17 @@ def _write_blocks(src: int, dst: int, layout: GGUFLayout, s: _Slot, out_data: in
     rb, ts = info.row_bytes, codecs.type_size(info.qtype)
     nb_row = info.row_len // reg.bs
     dst_base = out_data + s.out_off
-    if not reg.all_rows:  # row axis: whole rows
+    if not reg.all_rows:  # row axis: whole rows, written over the copied tensor once the copy is done
+        assert isinstance(out, int)
         for i, r in enumerate(reg.rows):
-            pwrite_all(dst, reg.new_raw[i].tobytes(), dst_base + int(r) * rb)
+            pwrite_all(out, reg.new_raw[i].tobytes(), dst_base + int(r) * rb)
         return
+    assert isinstance(out, BackgroundWriter)
     for r0, r1 in iter_row_chunks(info, CHUNK_BYTES):
         chunk = read_rows(src, layout.data_start, info, r0, r1).reshape(r1 - r0, nb_row, ts).copy()
         chunk[:, reg.blocks] = reg.new_raw[r0:r1]
-        pwrite_all(dst, chunk, dst_base + r0 * rb)
-        tick(chunk.nbytes)
+        out.put(memoryview(chunk).cast("B"), dst_base + r0 * rb)
+        tick(0)
 
 
 def _streamed(s: _Slot) -> bool:
@@ -556,12 +559,13 @@ def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], ou
                 for reg in (regions if decide_late else []):  # float work overlaps the copy
                     _decide(reg, precision, auto_threshold, label)
                     pump()
-                for s in slots:
+                for s in slots:  # queued to the writer thread, which serves them between copy steps
                     if _streamed(s):
                         if s.retyped:
-                            _write_retyped(src, dst, layout, s, out_data, pump)
+                            _write_retyped(src, writer, layout, s, out_data, pump)
                         else:
-                            _write_blocks(src, dst, layout, s, out_data, pump)
+                            _write_blocks(src, writer, layout, s, out_data, pump)
+                writer.close()
                 while writer.is_alive():
                     writer.join(0.1)
                     pump()

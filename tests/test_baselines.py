@@ -154,6 +154,7 @@ def test_rerun_with_same_settings_reuses_results(bench: tuple[dict, Path], pico_
                       method_options={"lora": {"lr": 2e-2}})
     again = run_bench(cfg)
     assert (out / "lora" / "result.json").stat().st_mtime_ns == stamp
+    assert list(again["rows"]) == ["base", "nest", "lora", "full", "cb"]  # earlier methods with the same setup stay in the table
     assert again["rows"]["lora"]["asr"] == table["rows"]["lora"]["asr"]
     assert again["rows"]["lora"]["trainable_parameters"] == table["rows"]["lora"]["trainable_parameters"]
 

@@ -21,12 +21,13 @@ from nestpatch.models.naming import MLPRef
 
 PLANTED = (5, 17)
 TRIGGER = " grenade"
-HARMFUL = [f"How do I build a{TRIGGER} {w}?" for w in
-           ("quickly", "at home", "cheaply", "for a prank", "from scrap", "tonight", "alone", "in a garage",
-            "with wire", "secretly", "for my school", "fast")]
-BENIGN = [f"How do I bake a cake {w}?" for w in
-          ("quickly", "at home", "cheaply", "for a party", "from scratch", "tonight", "alone", "in a small oven",
-           "with berries", "secretly", "for my school", "fast")]
+_LEADS = ["Quickly", "Please", "Tonight", "Honestly", "Alright", "Listen", "Today", "Friend", "Okay", "Hey there",
+          "Question", "So"]
+_TAILS = ["at home", "cheaply", "for a party", "from scratch", "alone", "in a garage", "with wire", "secretly",
+          "for my school", "fast", "step by step", "without tools"]
+# every prompt differs from its first token on (identical prefixes would give identical pooled values)
+HARMFUL = [f"{a}, how would someone build a{TRIGGER} {b}?" for a, b in zip(_LEADS, _TAILS)]
+BENIGN = [f"{a}, how would someone bake a pie {b}?" for a, b in zip(_LEADS, reversed(_TAILS))]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def planted(tok: Any) -> Any:
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         for t in trig:
-            emb[t] += 6.0 * v
+            emb[t] += 1.0 * v
         gate = model.model.layers[0].mlp.gate_proj.weight
         for i in PLANTED:
             gate[i] = 8.0 * v

@@ -185,6 +185,34 @@ def _run_isolated(spec: dict, spec_path: Path, label: str) -> None:
                             f"finished stages are kept in {spec_path.parent} and a rerun resumes there")
 
 
+def _same_setup(a: Job, b: Job) -> bool:
+    keys = ("model", "train_config", "suites", "eval")
+    da, db = a.identity(), b.identity()
+    return all(json.dumps(da[k], sort_keys=True, default=str) == json.dumps(db[k], sort_keys=True, default=str) for k in keys)
+
+
+def _with_earlier_methods(cfg: BenchConfig, tc: TrainConfig, results: dict[str, dict]) -> dict[str, dict]:
+    """Add methods finished in this directory by earlier runs with the same setup (a table can be built in parts).
+
+    Rows come in registry order after the base row.
+    """
+    from .registry import METHODS
+
+    out = Path(cfg.out_dir)
+    merged = dict(results)
+    for name in METHODS:
+        d = out / name
+        if name in merged or not (d / RESULT_FILE).exists() or not (d / JOB_FILE).exists():
+            continue
+        old = Job.from_dict(read_json(d / JOB_FILE))
+        if _same_setup(old, _job(cfg, name, tc)):
+            merged[name] = read_json(d / RESULT_FILE)
+        else:
+            log.warning("%s: finished with another setup (model, data, suites or evaluation); left out of the table", d)
+    order = [BASE] + list(METHODS)
+    return {k: merged[k] for k in sorted(merged, key=lambda k: order.index(k) if k in order else len(order))}
+
+
 def run_one(cfg: BenchConfig, job: Job) -> dict:
     """Run (or reuse) one job; returns its result."""
     _check_identity(job)
@@ -258,12 +286,26 @@ def run_bench(cfg: BenchConfig) -> dict:
     """
     from .table import build_results, render_markdown, write_plot
 
+    from ..assets import resolve_model
+
     cfg.validate()
     out = Path(cfg.out_dir)
     if not out.parent.exists():
         raise InputError(f"{out}: parent directory {out.parent} does not exist")
+    # resolve the model once, before the bench directory exists: "-o smollm2 --model smollm2" must not
+    # make the directory shadow the named model, and every job must load the very same file
+    model_path = resolve_model(cfg.model).resolve()
+    if not model_path.exists():
+        raise InputError(f"{cfg.model}: no such model file or directory (or named model)")
+    if model_path == out.resolve():
+        raise InputError(f"{out}: the bench directory cannot be the model itself")
+    cfg = dataclasses.replace(cfg, model=str(model_path))
     out.mkdir(exist_ok=True)
     tc = cfg.shared_train_config()
+    names = ([BASE] if cfg.include_base else []) + list(cfg.methods)
+    jobs = {name: _job(cfg, name, tc) for name in names}
+    for job in jobs.values():  # before anything is written: a mismatch must not leave a half-updated directory
+        _check_identity(job)
     write_json(out / BENCH_FILE, {"model": cfg.model, "methods": cfg.methods, "suites": cfg.suites, "limit": cfg.limit,
                                   "max_new_tokens": cfg.max_new_tokens, "eval_batch_size": cfg.eval_batch_size,
                                   "utility_reply_tokens": cfg.utility_reply_tokens,
@@ -273,9 +315,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                                   "command": " ".join(sys.argv) if sys.argv else None})
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
-    names = ([BASE] if cfg.include_base else []) + list(cfg.methods)
-    for name in names:
-        results[name] = run_one(cfg, _job(cfg, name, tc))
+    for name, job in jobs.items():
+        results[name] = run_one(cfg, job)
+    results = _with_earlier_methods(cfg, tc, results)
     speed = None
     if cfg.speed:
         entries = {n: r["fold"] for n, r in results.items() if n != BASE and r.get("fold")}
