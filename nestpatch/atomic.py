@@ -59,6 +59,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             os.replace(path, old)

@@ -6,13 +6,19 @@ each neuron's activation over the prompt tokens, fit one logistic probe per modu
 and keep the neurons whose probe weight has z-score > 3 and is positive. A mean-difference scorer
 (standardized mean activation gap, harmful minus benign) is the cheap alternative.
 
-Choices that are ours (and parameters): features are standardized per neuron before the probe
-(so a weight measures how much a neuron *separates* the classes, not how large it is), probes of
-all modules are fitted together as one batched problem (one Adam step updates every module's
-independent probe, so 60 probes cost about as much as one), and an early stop ends the fit once
-the loss stops improving. Pooling covers the prompt and the assistant header that follows it, not
-the system prompt a chat template may insert (identical for every prompt, it would only add a
+Choices that are ours (and parameters): probes of all modules are fitted together as one batched
+problem (one Adam step updates every module's independent probe), and an early stop ends the fit
+once the loss stops improving. Pooling covers the prompt and the assistant header that follows it,
+not the system prompt a chat template may insert (identical for every prompt, it would only add a
 floor under every max).
+
+Why ``mean_diff`` is the training default (measured on SmolLM2, 96+96 prompts, docs/RESULTS.md):
+with far fewer prompts than neurons per module the classes are linearly separable, and Adam from
+zero moves every useful weight at about the same rate, so the probe's z-scores stay flat
+(standardized features: no neuron above 3 after 1000 epochs) or depend on when the fit stops (raw
+features: 12-26 neurons per module at 100-3000 epochs, little overlap between stopping points);
+5000 epochs over 60 modules also take most of a 10-minute CPU budget. The standardized mean gap
+costs milliseconds, does not depend on an optimizer trajectory, and finds planted neurons exactly.
 """
 
 from __future__ import annotations
@@ -208,12 +214,15 @@ def split_indices(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.nda
 
 def fit_probes(features: dict[str, np.ndarray], labels: np.ndarray, *, epochs: int = 5000, lr: float = 1e-3,
                weight_decay: float = 1e-3, holdout: float = 0.2, seed: int = 0, tol: float = 1e-5,
-               progress: Callable[[int], None] | None = None) -> ProbeFit:
+               standardize: bool = False, progress: Callable[[int], None] | None = None) -> ProbeFit:
     """Fit one logistic probe per module (Adam, full batch), all modules at once.
 
     Modules with the same width are stacked into one ``(M, N, F)`` problem; the summed loss has
     independent gradients per module, so this is exactly M separate fits, run as a few ``bmm``.
     The fit stops early once no module's loss improves by more than ``tol`` (relative) over 100 epochs.
+
+    Args:
+        standardize: z-score each neuron's pooled activations first (NeuroStrike uses raw activations).
     """
     import torch
 
@@ -225,7 +234,7 @@ def fit_probes(features: dict[str, np.ndarray], labels: np.ndarray, *, epochs: i
     weights, acc_tr, acc_ho = {}, {}, {}
     ran = 0
     for width, names in groups.items():
-        x_all = np.stack([_standardize(features[n], features[n][tr]) for n in names])  # (M, N, F)
+        x_all = np.stack([_standardize(features[n], features[n][tr]) if standardize else features[n] for n in names])  # (M, N, F)
         xt, yt = torch.from_numpy(x_all[:, tr]), torch.from_numpy(y[tr])  # (M, Ntr, F), (Ntr,)
         w = torch.zeros(len(names), width, requires_grad=True)  # (M, F)
         b = torch.zeros(len(names), 1, requires_grad=True)  # (M, 1)
@@ -261,8 +270,9 @@ def fit_probes(features: dict[str, np.ndarray], labels: np.ndarray, *, epochs: i
 def mean_diff_scores(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Standardized mean gap per neuron, harmful minus benign: ``(mu_h - mu_b) / sd_pooled``; ``(F,)``."""
     h, bn = x[labels == 1], x[labels == 0]
-    sd = np.sqrt(0.5 * (h.var(0) + bn.var(0)))
-    return ((h.mean(0) - bn.mean(0)) / np.maximum(sd, 1e-6)).astype(np.float32)
+    # floor: a neuron constant within both classes would otherwise get an unbounded score
+    sd = np.sqrt(0.5 * (h.var(0) + bn.var(0)) + 1e-4 * x.var(0) + 1e-12)
+    return ((h.mean(0) - bn.mean(0)) / sd).astype(np.float32)
 
 
 def select(scores: np.ndarray, threshold: float = 3.0, min_score: float = 0.0, max_neurons: int = 0) -> np.ndarray:
@@ -338,9 +348,10 @@ class Detection:
 
 def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], *,
            modules: Sequence[str] = ("gate_proj", "up_proj"), layers: Sequence[int] | None = None,
-           detector: str = "probe", threshold: float = 3.0, min_weight: float = 0.0, max_neurons_per_module: int = 0,
+           detector: str = "mean_diff", threshold: float = 3.0, min_weight: float = 0.0, max_neurons_per_module: int = 0,
            pool: str = "max", batch_size: int = 16, max_length: int = 256, probe_epochs: int = 5000,
-           probe_lr: float = 1e-3, probe_weight_decay: float = 1e-3, probe_holdout: float = 0.2, seed: int = 0,
+           probe_lr: float = 1e-3, probe_weight_decay: float = 1e-3, probe_holdout: float = 0.2,
+           probe_standardize: bool = False, seed: int = 0,
            progress: Callable[[str, int, int], Any] | None = None) -> Detection:
     """Pool activations on harmful and benign prompts, score every neuron, keep the outliers.
 
@@ -364,7 +375,7 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
     if detector == "probe":
         pbar = progress("probes", probe_epochs, 1) if progress else None
         fit = fit_probes(acts, labels, epochs=probe_epochs, lr=probe_lr, weight_decay=probe_weight_decay,
-                         holdout=probe_holdout, seed=seed, progress=pbar)
+                         holdout=probe_holdout, seed=seed, standardize=probe_standardize, progress=pbar)
         scores = fit.weights
         epochs = fit.epochs
     else:

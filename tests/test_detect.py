@@ -105,7 +105,7 @@ def test_pooling_modes(planted: Any, tok: Any) -> None:
         pooled_activations(planted, tok, BENIGN[:1], refs, pool="median")
 
 
-def _synthetic(n: int = 240, f: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic(n: int = 600, f: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Features where columns 3, 50, 77 rise with the harmful label and 120 falls with it."""
     rng = np.random.default_rng(seed)
     y = np.array([1] * (n // 2) + [0] * (n // 2))

@@ -233,7 +233,8 @@ def run_one(cfg: BenchConfig, job: Job) -> dict:
     return result
 
 
-def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads: int | None, rounds: int, new_tokens: int) -> dict:
+def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads: int | None, rounds: int, new_tokens: int,
+                device: str = "cpu") -> dict:
     """Decode tokens/s of the base and every folded model, interleaved; writes ``speed.json``."""
     from ..assets import resolve_model
     from . import speed as sp
@@ -257,18 +258,18 @@ def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads
                     log.warning("llama.cpp cannot run %s (%s); measuring in torch", path, e)
                     from ..models.loading import load_model
 
-                    lm = load_model(path, device="cpu")
+                    lm = load_model(path, device=device)
                     decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
                     continue
             from ..models.loading import load_model
 
-            lm = load_model(path, device="cpu")
+            lm = load_model(path, device=device)
             decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
         results = sp.measure(decoders, new_tokens=new_tokens, rounds=rounds)
     finally:
         for d in decoders.values():
             d.close()
-    data = {"results": results, "rounds": rounds, "new_tokens": new_tokens, "threads": threads,
+    data = {"results": results, "rounds": rounds, "new_tokens": new_tokens, "threads": threads, "device": device,
             "note": "greedy decode at batch 1, prompt evaluation not timed; median of interleaved rounds"}
     write_json(out, data)
     return data
@@ -322,12 +323,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.speed:
         entries = {n: r["fold"] for n, r in results.items() if n != BASE and r.get("fold")}
         spec = {"kind": "speed", "bench_dir": str(out), "entries": entries, "base": cfg.model, "threads": cfg.threads,
-                "rounds": cfg.speed_rounds, "new_tokens": cfg.speed_tokens, "log_level": cfg.log_level, "torch_threads": cfg.threads}
+                "rounds": cfg.speed_rounds, "new_tokens": cfg.speed_tokens, "log_level": cfg.log_level, "torch_threads": cfg.threads,
+                "device": tc.device}
         if cfg.isolate:
             _run_isolated(spec, out / "speed.worker.json", "speed measurement")
             speed = read_json(out / SPEED_FILE)
         else:
-            speed = speed_stage(out, entries, base=cfg.model, threads=cfg.threads, rounds=cfg.speed_rounds, new_tokens=cfg.speed_tokens)
+            speed = speed_stage(out, entries, base=cfg.model, threads=cfg.threads, rounds=cfg.speed_rounds, new_tokens=cfg.speed_tokens,
+                                device=tc.device)
     table = build_results(cfg, results, speed, bench=read_json(out / BENCH_FILE))
     table["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
     write_json(out / RESULTS_JSON, table)

@@ -154,6 +154,15 @@ def _evaluate(lm: Any, suites: list[Any], variants: dict[str, Any], out: Path, j
                                 options=opts)
 
 
+def _cuda() -> Any:
+    """``torch.cuda`` when a GPU is in use, else None (peak GPU memory is then recorded too)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return None
+    return torch.cuda if torch.cuda.is_available() else None
+
+
 def train_stage(job: Job) -> TrainOutcome:
     d = job.dir
     saved = read_json(d / TRAIN_FILE)
@@ -163,8 +172,13 @@ def train_stage(job: Job) -> TrainOutcome:
     ctx = MethodContext(method=m.name, train_config=TrainConfig.from_dict(job.train_config), options=m.options(job.options),
                         out_dir=d, data_cache=Path(job.data_cache) if job.data_cache else None, progress=job.progress)
     log.info("training %s", m.name)
+    gpu = _cuda()
+    if gpu is not None:
+        gpu.reset_peak_memory_stats()
     with RssSampler() as rss:
         outcome = m.train(ctx)
+    if gpu is not None:
+        outcome.details["peak_gpu_mb"] = round(gpu.max_memory_allocated() / (1 << 20), 1)
     if not job.isolated:  # the process's own peak covers earlier work too: use the sampled peak of this block
         outcome.peak_rss_mb = round(rss.peak_mb, 1)
     outcome.details["peak_rss_source"] = "ru_maxrss of the method's own process" if job.isolated else "sampled every 50 ms in-process"

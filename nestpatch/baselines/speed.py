@@ -68,11 +68,14 @@ class TorchDecoder:
             out = self.model(input_ids=ids, use_cache=True)
             past = out.past_key_values
             tok = out.logits[:, -1:].argmax(-1)  # (1, 1)
+            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+            sync()
             t0 = time.perf_counter()
             for _ in range(new_tokens):
                 out = self.model(input_ids=tok, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 tok = out.logits[:, -1:].argmax(-1)
+            sync()  # GPU work is asynchronous: wait for it before reading the clock
             return time.perf_counter() - t0
 
     def close(self) -> None:

@@ -176,9 +176,13 @@ def render_markdown(table: dict) -> str:
         p = r["trainable_parameters"]
         ratio = "–" if not (p and nest_params) else f"{p / nest_params:,.1f}x"
         tps = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f} ({r['tokens_per_s_backend']})"
+        mem = _num(r["peak_rss_mb"])
+        gpu_mb = (r.get("details") or {}).get("peak_gpu_mb")
+        if gpu_mb is not None:
+            mem += f" (+{gpu_mb:.0f} GPU)"
         cells = ([r["label"], f"{p:,}" if p else "0", ratio] + [_pct(r["asr"].get(s)) for s in suites] +
                  [_pct(r["benign_refusal"]), _pct(r["over_refusal"]), _fmt_metric("kl", r["kl"]),
-                  r["artifact_kind"] or "–", _bytes(r["artifact_bytes"]), _num(r["train_seconds"]), _num(r["peak_rss_mb"]), tps])
+                  r["artifact_kind"] or "–", _bytes(r["artifact_bytes"]), _num(r["train_seconds"]), mem, tps])
         lines.append("| " + " | ".join(cells) + " |")
     out = [f"# nestpatch bench: {table['model']}", ""]
     b = table.get("bench") or {}
@@ -214,7 +218,8 @@ def render_markdown(table: dict) -> str:
             "- Train s is the method's own work: NeST's detection, clustering and optimizer loop; the baselines' optimizer "
             "loops (circuit breakers also generate the base's answers to the harmful prompts they reroute). The refusal "
             "targets and the base answers for the retain term are shared by all methods and not counted.",
-            "- Peak RSS is the resident memory peak of the training process (model, optimizer, activations).",
+            "- Peak RSS is the resident memory peak of the training process (model, optimizer, activations); on a GPU the "
+            "peak of torch's GPU allocations is added in brackets.",
             f"- tok/s: greedy decode of the folded model at batch 1, a fixed {sp.get('new_tokens', '?')}-token continuation "
             f"(prompt not timed), median of {sp.get('rounds', '?')} interleaved rounds; folded GGUFs keep the base file's tensor "
             "types (only changed tensors are re-encoded), so differences are noise of the shared machine unless large.",

@@ -22,7 +22,7 @@ def run_spec(spec: dict) -> dict:
         from .bench import speed_stage
 
         return speed_stage(Path(spec["bench_dir"]), spec["entries"], base=spec["base"], threads=spec.get("threads"),
-                           rounds=int(spec["rounds"]), new_tokens=int(spec["new_tokens"]))
+                           rounds=int(spec["rounds"]), new_tokens=int(spec["new_tokens"]), device=spec.get("device", "cpu"))
     from .jobs import Job, run_job
 
     return run_job(Job.from_dict(spec["job"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 import click
@@ -68,6 +69,12 @@ def _register_all() -> None:
 _register_all()
 
 
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so atomic writers remove their temporary files.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     cli(obj={})

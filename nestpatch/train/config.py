@@ -58,8 +58,8 @@ class TrainConfig:
     # --- detection and clustering ---
     modules: list[str] = _f(["gate_proj", "up_proj"], "MLP projections to probe and patch (gate_proj, up_proj, down_proj).", group="detect")
     layers: list[int] = _f([], "Layers to probe (default: all).", group="detect")
-    detector: str = _f("probe", "Neuron scorer: logistic probe weights (NeuroStrike) or standardized mean difference.",
-                       choices=("probe", "mean_diff"), group="detect")
+    detector: str = _f("mean_diff", "Neuron scorer: standardized mean difference harmful - benign, or logistic probe weights "
+                                    "(NeuroStrike; slow on CPU, see docs/RESULTS.md).", choices=("mean_diff", "probe"), group="detect")
     threshold: float = _f(3.0, "Keep neurons whose score has z-score above this (within its module).", group="detect")
     min_weight: float = _f(0.0, "...and whose score is above this.", group="detect")
     max_neurons_per_module: int = _f(0, "Keep at most this many neurons per module (highest scores); 0 = no cap.", group="detect")
@@ -67,6 +67,7 @@ class TrainConfig:
     probe_epochs: int = _f(5000, "Probe: maximum full-batch Adam epochs (stops early when the loss settles).", group="detect")
     probe_lr: float = _f(1e-3, "Probe: Adam learning rate.", group="detect")
     probe_weight_decay: float = _f(1e-3, "Probe: weight decay.", group="detect")
+    probe_standardize: bool = _f(False, "Probe: z-score each neuron's pooled activations first (NeuroStrike: raw).", group="detect")
     clusters: int | None = _f(None, "Fixed number of clusters per module (default: chosen by silhouette in [k_min, k_max]).", group="detect")
     k_min: int = _f(2, "Smallest k tried by the silhouette search.", group="detect")
     k_max: int = _f(4, "Largest k tried by the silhouette search.", group="detect")

@@ -178,7 +178,8 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
     det = detect(lm.model, lm.tokenizer, dh, db, modules=cfg.modules, layers=cfg.layers or None, detector=cfg.detector,
                  threshold=cfg.threshold, min_weight=cfg.min_weight, max_neurons_per_module=cfg.max_neurons_per_module,
                  pool=cfg.pool, batch_size=cfg.batch_size_detect, max_length=cfg.max_length, probe_epochs=cfg.probe_epochs,
-                 probe_lr=cfg.probe_lr, probe_weight_decay=cfg.probe_weight_decay, seed=seed, progress=bars.counter)
+                 probe_lr=cfg.probe_lr, probe_weight_decay=cfg.probe_weight_decay, probe_standardize=cfg.probe_standardize,
+                 seed=seed, progress=bars.counter)
     bars.close()
     kept = [m for m in det.modules if len(m.indices)]
     clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max, seed=seed)
