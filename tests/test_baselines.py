@@ -32,7 +32,8 @@ def _tiny_train_config(tmp: Path) -> Any:
     return TrainConfig(harmful=[str(_write_prompts(tmp / "harmful.jsonl", HARMFUL))],
                        benign=[str(_write_prompts(tmp / "benign.jsonl", BENIGN))],
                        detect_prompts=0, detector="mean_diff", threshold=0.5, clusters=2, refusal_targets="template",
-                       retain_answer_tokens=4, batch_size=len(HARMFUL), steps=STEPS, warmup_steps=0, schedule="constant",
+                       retain_loss="kl", retain_weight=1.0, retain_answer_tokens=4, batch_size=len(HARMFUL), steps=STEPS,
+                       warmup_steps=0, schedule="constant", max_prompts=0,
                        bf16=False, max_length=40, batch_size_detect=8, seed=0, lr=5e-2)
 
 

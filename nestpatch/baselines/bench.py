@@ -275,6 +275,17 @@ def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads
     return data
 
 
+def _earlier_speed(out: Path, results: dict[str, dict]) -> dict | None:
+    """With ``--no-speed``: an earlier measurement, kept only for models folded before it was taken."""
+    saved = read_json(out / SPEED_FILE)
+    if not saved:
+        return None
+    when = (out / SPEED_FILE).stat().st_mtime
+    keep = {n: v for n, v in saved.get("results", {}).items()
+            if n == BASE or (n in results and (out / n / RESULT_FILE).exists() and (out / n / RESULT_FILE).stat().st_mtime <= when)}
+    return {**saved, "results": keep}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Run every method (resuming finished ones), measure speed, write the tables and the plot.
 
@@ -331,6 +342,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         else:
             speed = speed_stage(out, entries, base=cfg.model, threads=cfg.threads, rounds=cfg.speed_rounds, new_tokens=cfg.speed_tokens,
                                 device=tc.device)
+    elif (out / SPEED_FILE).exists():
+        speed = _earlier_speed(out, results)
     table = build_results(cfg, results, speed, bench=read_json(out / BENCH_FILE))
     table["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
     write_json(out / RESULTS_JSON, table)

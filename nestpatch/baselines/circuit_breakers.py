@@ -6,7 +6,9 @@ layers. What it optimizes, per step, on ``batch_size`` harmful and ``batch_size`
 - **rerouting** on harmful data (the harmful prompt followed by the base model's own compliant
   answer: the representations to break): ``mean ReLU(cos(h_lora, h_base))`` over tokens, at two
   target layers. Driving the cosine to zero or below sends harmful representations away from
-  where the frozen model had them.
+  where the frozen model had them. The chat template's prefix (system prompt, user header) is
+  left out: it reads nothing of the request, so its representations are those of every benign
+  prompt too (SmolLM2's template inserts a 20-token system prompt).
 - **retain** on benign data (the shared retain sequences): ``mean ||h_lora - h_base||_2`` over
   tokens, at every layer up to the second target.
 - **schedule**: ``c_reroute = a (1 - t / 2T)``, ``c_retain = a t / 2T`` (the paper's), so weight
@@ -136,8 +138,28 @@ class StepLosses:
     retain: Any
 
 
-def step_losses(pm: Any, h_batch: Any, b_batch: Any, targets: tuple[int, int], *, autocast: bool) -> StepLosses:
-    """Rerouting loss on the harmful batch and retain loss on the benign batch, against the frozen base."""
+def shared_prefix_length(tokenizer: Any, max_length: int) -> int:
+    """Tokens the chat template puts before every user message (system prompt, user header).
+
+    They read no part of the request (causal attention), so their representations are the same
+    for harmful and benign prompts: rerouting them would fight the retain term for nothing.
+    """
+    from ..train.examples import prompt_ids
+
+    a, b = prompt_ids(tokenizer, "alpha request", max_length), prompt_ids(tokenizer, "zulu question", max_length)
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def step_losses(pm: Any, h_batch: Any, b_batch: Any, targets: tuple[int, int], *, autocast: bool, skip: int = 0) -> StepLosses:
+    """Rerouting loss on the harmful batch and retain loss on the benign batch, against the frozen base.
+
+    Args:
+        skip: positions at the start of every harmful sequence left out of the rerouting loss
+            (the template prefix shared with benign prompts, see :func:`shared_prefix_length`).
+    """
     import torch
 
     last = targets[1]
@@ -146,7 +168,8 @@ def step_losses(pm: Any, h_batch: Any, b_batch: Any, targets: tuple[int, int], *
         b0 = hidden_states(pm, b_batch, last, autocast=autocast)
     h = hidden_states(pm, h_batch, last, autocast=autocast)
     b = hidden_states(pm, b_batch, last, autocast=autocast)
-    hm, bm = h_batch.attention_mask.bool(), b_batch.attention_mask.bool()  # (B, T)
+    hm = h_batch.attention_mask.bool() & (h_batch.position_ids >= skip)  # (B, T): request, assistant header, answer
+    bm = b_batch.attention_mask.bool()  # (B, T)
     rr = torch.stack([reroute_loss(h[i], h0[i], hm) for i in targets]).mean()
     rt = torch.stack([retain_loss(b[i], b0[i], bm) for i in sorted(b)]).mean()
     return StepLosses(rr, rt)
@@ -179,6 +202,7 @@ def train(ctx: MethodContext) -> TrainOutcome:
     params = lora_parameters(pm)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    skip = shared_prefix_length(lm.tokenizer, cfg.max_length)
     dev = next(iter(params.values())).device
     hs, bs = EpochSampler(len(data.harmful_answers), seed, 1), EpochSampler(len(data.benign), seed, 2)
     a = float(opts["coefficient"])
@@ -202,7 +226,7 @@ def train(ctx: MethodContext) -> TrainOutcome:
                 micro = step * cfg.grad_accum + m
                 hb = collate([data.harmful_answers[i] for i in hs.take(micro * cfg.batch_size, cfg.batch_size)], pad, dev)
                 bb = collate([data.benign[i] for i in bs.take(micro * cfg.batch_size, cfg.batch_size)], pad, dev)
-                losses = step_losses(pm, hb, bb, targets, autocast=cfg.bf16)
+                losses = step_losses(pm, hb, bb, targets, autocast=cfg.bf16, skip=skip)
                 total = c_rr * losses.reroute + c_rt * losses.retain
                 if not bool(torch.isfinite(total)):
                     raise TrainingError(f"circuit breakers: loss became NaN or infinite at step {step + 1}; lower the learning rate")
@@ -237,6 +261,7 @@ def train(ctx: MethodContext) -> TrainOutcome:
               f"{targets[0]} and {targets[1]} of {n_layers}",
         timings=timings,
         details={"target_hidden_states": list(targets), "adapted_layers": [adapted[0], adapted[-1]], "rank": opts["rank"],
+                 "rerouting_skips_prefix_tokens": skip,
                  "coefficient": a, "steps": cfg.steps, "lr": cfg.lr, "harmful_answers": len(data.harmful_answers), "data": data.info},
     )
 

@@ -48,8 +48,8 @@ class TrainConfig:
     harmful_column: str | None = _f(None, "Column/field holding the prompt in --harmful files (default: prompt, text, Behavior, ...).", group="data")
     benign: list[str] = _f(["builtin-benign"], "Benign prompt sources (retain set and probe negatives; repeatable).", group="data")
     benign_column: str | None = _f(None, "Column/field holding the prompt in --benign files.", group="data")
-    max_prompts: int = _f(0, "Use at most this many prompts per role (sampled under --seed, in proportion to each source); 0 = all.", group="data")
-    detect_prompts: int = _f(192, "Prompts per role used for detection (a seeded sample of the training prompts); 0 = all.", group="data")
+    max_prompts: int = _f(256, "Use at most this many prompts per role (sampled under --seed, in proportion to each source); 0 = all.", group="data")
+    detect_prompts: int = _f(128, "Prompts per role used for detection (a seeded sample of the training prompts); 0 = all.", group="data")
     policy_name: str = _f("nestpatch-policy", "Policy name recorded in the patch.", group="io")
     policy_version: str = _f("0.1.0", "Policy version recorded in the patch.", group="io")
     policy_description: str = _f("Refuse harmful requests; answer benign ones as before.", "Policy description recorded in the patch.", group="io")
@@ -60,7 +60,7 @@ class TrainConfig:
     layers: list[int] = _f([], "Layers to probe (default: all).", group="detect")
     detector: str = _f("mean_diff", "Neuron scorer: standardized mean difference harmful - benign, or logistic probe weights "
                                     "(NeuroStrike; slow on CPU, see docs/RESULTS.md).", choices=("mean_diff", "probe"), group="detect")
-    threshold: float = _f(3.0, "Keep neurons whose score has z-score above this (within its module).", group="detect")
+    threshold: float = _f(2.5, "Keep neurons whose score has z-score above this (within its module).", group="detect")
     min_weight: float = _f(0.0, "...and whose score is above this.", group="detect")
     max_neurons_per_module: int = _f(0, "Keep at most this many neurons per module (highest scores); 0 = no cap.", group="detect")
     pool: str = _f("max", "How a neuron's activation is pooled over the prompt tokens.", choices=("max", "mean", "last"), group="detect")
@@ -76,16 +76,16 @@ class TrainConfig:
     refusal_targets: str = _f("auto", "Refusal targets: the model's own refusals (own), the project's templates (template), or "
                                       "own when the model refuses at least a quarter of a harmful sample, else templates (auto).",
                               choices=REFUSAL_TARGETS)
-    retain_loss: str = _f("kl", "Retain term on benign prompts: KL to the frozen base on its own answers (kl), cross-entropy on "
+    retain_loss: str = _f("ce", "Retain term on benign prompts: KL to the frozen base on its own answers (kl), cross-entropy on "
                                 "those answers (ce), or none.", choices=RETAIN_LOSSES)
-    retain_weight: float = _f(1.0, "Weight of the retain term.")
-    retain_answer_tokens: int = _f(32, "Length of the base model's greedy answers used by the retain term.")
-    steps: int = _f(120, "Optimizer steps.")
+    retain_weight: float = _f(3.0, "Weight of the retain term.")
+    retain_answer_tokens: int = _f(16, "Length of the base model's greedy answers used by the retain term.")
+    steps: int = _f(40, "Optimizer steps.")
     batch_size: int = _f(8, "Harmful prompts per micro-batch (the same number of benign prompts is added).")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    lr: float = _f(2e-2, "AdamW learning rate for the shared deltas.")
+    lr: float = _f(3e-2, "AdamW learning rate for the shared deltas.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_steps: int = _f(10, "Linear warm-up steps.")
+    warmup_steps: int = _f(5, "Linear warm-up steps.")
     schedule: str = _f("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULES)
     max_grad_norm: float = _f(1.0, "Gradient clipping (global L2 norm); 0 disables.")
     max_length: int = _f(192, "Longest prompt in tokens (longer prompts keep their end).")
@@ -96,7 +96,8 @@ class TrainConfig:
     # --- runtime ---
     device: str = _f("auto", "Device: auto, cpu, cuda, mps.", choices=("auto", "cpu", "cuda", "mps"), group="runtime")
     device_map: str | None = _f(None, "accelerate device map (auto) for models larger than one device.", group="runtime")
-    bf16: bool = _f(True, "bfloat16 autocast for forward/backward (the deltas and optimizer stay float32).", group="runtime")
+    bf16: bool = _f(False, "bfloat16 autocast for forward/backward (the deltas and optimizer stay float32). Helps on GPUs; "
+                           "on CPUs without native bf16 it is several times slower.", group="runtime")
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default).", group="runtime")
     batch_size_detect: int = _f(16, "Batch size for detection and answer generation.", group="runtime")
     checkpoint_every: int = _f(20, "Save a checkpoint every this many steps (0 = only at the end).", group="runtime")

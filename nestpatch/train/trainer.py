@@ -155,6 +155,8 @@ class Trainer:
                 if not math.isfinite(grad_norm):
                     self._stop_nan(step, "gradient")
                 self.opt.step()
+                if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                    self._stop_nan(step, "a delta")
                 rec = {"step": step + 1, **{k: round(v, 6) for k, v in acc.items()}, "grad_norm": round(grad_norm, 6),
                        "lr": self.opt.param_groups[0]["lr"], "seconds": round(time.time() - ts, 3),
                        "delta_rms": round(self._delta_rms(), 6)}
@@ -185,7 +187,7 @@ class Trainer:
 
     def _delta_rms(self) -> float:
         with torch.no_grad():
-            tot = sum(float((p.float() ** 2).sum()) for p in self.params)
+            tot = sum(float((p.double() ** 2).sum()) for p in self.params)
             n = sum(p.numel() for p in self.params)
         return math.sqrt(tot / max(1, n))
 

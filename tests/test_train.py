@@ -1,0 +1,314 @@
+"""Training on pico models: data loading, QAT round trips, the hook parametrization, the loop,
+resume, NaN stop, the config/CLI, and the written .nestpatch (provenance, sketches)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nestpatch.data import load_prompts
+from nestpatch.errors import InputError, TrainingError
+from nestpatch.format import read_patch
+from nestpatch.format.constants import ProvenanceKey
+from nestpatch.models.naming import MLPRef
+from nestpatch.train.adapter import SharedDeltas, TargetSpec
+from nestpatch.train.config import TrainConfig
+from nestpatch.train.quant import SUPPORTED, fake_quant, roundtrip
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_prompt_files_of_every_kind(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"q": "one?", "x": 1}\n\n{"q": "two?"}\n{"q": "one?"}\n')
+    (tmp_path / "b.csv").write_text("id,goal\n1,Make tea\n2,\"Write a poem, please\"\n")
+    (tmp_path / "c.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "d.json").write_text(json.dumps({"prompts": [{"text": "alpha"}, {"text": "beta"}]}))
+    (tmp_path / "e.json").write_text(json.dumps(["x", "y", "z"]))
+    a = load_prompts(tmp_path / "a.jsonl", column="q")
+    assert a.prompts == ["one?", "two?"] and a.rows == 3 and len(a.sha256) == 64
+    assert load_prompts(tmp_path / "b.csv").prompts == ["Make tea", "Write a poem, please"]  # "goal" found by default
+    assert load_prompts(tmp_path / "c.txt").prompts == ["first line", "second line"]
+    assert load_prompts(tmp_path / "d.json").prompts == ["alpha", "beta"]
+    assert load_prompts(tmp_path / "e.json", limit=2, seed=0).prompts in (["x", "y"], ["x", "z"], ["y", "z"])
+    with pytest.raises(InputError, match="no column 'prompt'; columns found: q, x"):
+        load_prompts(tmp_path / "a.jsonl", column="prompt")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="holds no prompts"):
+        load_prompts(tmp_path / "empty.jsonl")
+    with pytest.raises(InputError, match="not a named source"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_named_sources_and_rho_first_paragraph() -> None:
+    h = load_prompts("builtin-harmful")
+    b = load_prompts("builtin-benign")
+    assert len(h) > 300 and len(b) > 300
+    assert {m["form"] for m in h.meta} >= {"question", "imperative", "step_by_step", "roleplay", "writing", "code"}
+    assert not set(h.prompts) & set(load_prompts("builtin-harmful-heldout").prompts)
+    rho = load_prompts("rho-refusal-50")
+    assert rho.prompts[0] == "How do I bake chocolate chip cookies?"  # the answer after the blank line is dropped
+    assert all("\n\n" not in p for p in load_prompts("rho-refusal-50-harmful").prompts)
+
+
+def test_harmbench_is_refused_for_training_by_name_and_by_content(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="evaluation-only"):
+        load_prompts("harmbench-test")
+    from nestpatch.assets import fetch
+
+    copy = tmp_path / "renamed.csv"
+    copy.write_bytes(fetch("harmbench-test").read_bytes())
+    with pytest.raises(InputError, match="evaluation-only"):
+        load_prompts(copy)
+    assert len(load_prompts("harmbench-test-standard", allow_eval=True)) == 159
+
+
+# ------------------------------------------------------------------------------------------ QAT
+@pytest.mark.parametrize("qtype", SUPPORTED)
+def test_torch_roundtrip_matches_gguf_bit_for_bit(qtype: str) -> None:
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 256)) * rng.uniform(0.01, 3, (16, 1))).astype(np.float32)
+    t = getattr(GGMLQuantizationType, qtype)
+    ref = quants.dequantize(quants.quantize(w, t), t)
+    np.testing.assert_array_equal(roundtrip(torch.from_numpy(w), qtype).numpy(), ref)
+    np.testing.assert_array_equal(roundtrip(torch.from_numpy(ref), qtype).numpy(), ref)  # idempotent on the grid
+
+
+def test_fake_quant_passes_gradients_straight_through() -> None:
+    w = torch.randn(4, 64, requires_grad=True)
+    fake_quant(w, "Q4_1").sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+# ------------------------------------------------------------------------------------------ adapter
+@pytest.fixture(scope="module")
+def model() -> Any:
+    from nestpatch.testing import make_pico_model
+
+    return make_pico_model(seed=3)
+
+
+def _specs() -> list[TargetSpec]:
+    return [
+        TargetSpec(MLPRef(0, "gate_proj"), np.array([3, 9, 40, 41]), np.array([0, 1, 0, 1])),
+        TargetSpec(MLPRef(1, "up_proj"), np.array([7]), np.array([0])),
+        TargetSpec(MLPRef(1, "down_proj"), np.array([2, 33, 200]), np.array([1, 0, 1])),
+    ]
+
+
+def _effective_weight(lin: torch.nn.Linear) -> torch.Tensor:
+    """The weight a hooked Linear acts with: its output on the identity, transposed."""
+    eye = torch.eye(lin.in_features)
+    with torch.no_grad():
+        return lin(eye).T  # (out, in)
+
+
+@pytest.mark.parametrize("qat", ["none", "Q4_1", "Q8_0"])
+def test_only_selected_neurons_change_and_base_weights_stay_untouched(model: Any, qat: str) -> None:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d = SharedDeltas(model, _specs(), qat=qat)
+    with torch.no_grad():
+        for p in d.deltas.values():
+            p.copy_(torch.randn_like(p))
+    d.attach()
+    try:
+        targets = {t.name: t for t in d.to_targets("F32")}
+        for s in _specs():
+            lin = model.get_submodule(s.name[: -len(".weight")])
+            w = lin.weight.detach()
+            eff = _effective_weight(lin)
+            dense = torch.from_numpy(targets[s.name].dense_update())
+            changed = (eff - w).abs() > 1e-6
+            if qat == "none":
+                torch.testing.assert_close(eff, w + dense, rtol=1e-5, atol=1e-5)
+            else:  # what the fold will produce: the touched GGUF blocks re-encoded
+                if s.axis == "row":
+                    rows = torch.from_numpy(s.indices)
+                    want = w.clone()
+                    want[rows] = roundtrip(w[rows] + dense[rows], qat) - roundtrip(w[rows], qat) + w[rows]
+                    torch.testing.assert_close(eff, want, rtol=1e-5, atol=1e-5)
+            if s.axis == "row":
+                assert set(torch.nonzero(changed.any(1)).flatten().tolist()) == set(s.indices.tolist())
+            else:
+                cols = set(torch.nonzero(changed.any(0)).flatten().tolist())
+                if qat == "none":
+                    assert cols == set(s.indices.tolist())
+                else:  # re-encoding may move the other columns of a touched 32-block, never another block
+                    assert {c // 32 for c in cols} <= {i // 32 for i in s.indices.tolist()}
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), n
+        with d.disabled():
+            lin = model.get_submodule("model.layers.0.mlp.gate_proj")
+            torch.testing.assert_close(_effective_weight(lin), lin.weight.detach())
+    finally:
+        d.detach()
+    lin = model.get_submodule("model.layers.0.mlp.gate_proj")
+    torch.testing.assert_close(_effective_weight(lin), lin.weight.detach())
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+@pytest.fixture(scope="module")
+def pico_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nestpatch.testing import make_pico_model, write_hf_dir
+
+    return write_hf_dir(make_pico_model(seed=4), tmp_path_factory.mktemp("pico_train") / "hf")
+
+
+def _cfg(pico_dir: Path, out: Path, **kw: Any) -> TrainConfig:
+    base = dict(model=str(pico_dir), out=str(out), max_prompts=16, detect_prompts=16, threshold=1.5, steps=8, batch_size=4,
+                lr=0.5, warmup_steps=2, retain_answer_tokens=4, max_length=64, seed=123, threads=2, checkpoint_every=4,
+                refusal_targets="template")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(pico_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from nestpatch.train.pipeline import train_policy
+
+    out = tmp_path_factory.mktemp("run") / "policy.nestpatch"
+    return train_policy(_cfg(pico_dir, out, keep_checkpoint=True))
+
+
+def _refusal_ce(model: Any, tok: Any, prompts: list[str]) -> float:
+    """Mean cross-entropy of a fixed refusal after each prompt (the harmful-target loss)."""
+    from nestpatch.train.examples import Example, collate, prompt_ids, response_ids
+    from nestpatch.train.losses import token_ce
+
+    ex = [Example("harmful", p, prompt_ids(tok, p, 64), response_ids(tok, "I'm sorry, but I can't help with that request."))
+          for p in prompts]
+    b = collate(ex, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, logits_to_keep=b.keep).logits
+    return float(token_ce(logits, b.labels))
+
+
+def test_training_lowers_the_refusal_loss_and_writes_a_full_patch(trained: Any, pico_dir: Path) -> None:
+    from nestpatch.models.loading import load_model
+
+    log = [json.loads(line) for line in trained.paths.log.read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert all(math.isfinite(r["retain"]) and math.isfinite(r["refusal"]) for r in log)
+    p = read_patch(trained.paths.patch)
+    # the harmful-target loss on held-out harmful prompts, before and after folding the patch
+    lm = load_model(pico_dir, device="cpu")
+    prompts = load_prompts("builtin-harmful-heldout", limit=16, seed=0).prompts
+    before = _refusal_ce(lm.model, lm.tokenizer, prompts)
+    with torch.no_grad():
+        for t in p.targets:
+            lm.model.get_parameter(t.name).add_(torch.from_numpy(t.dense_update()))
+    after = _refusal_ce(lm.model, lm.tokenizer, prompts)
+    assert after < before - 0.2, (before, after)
+    assert p.targets and all(t.base_sketch is not None for t in p.targets)
+    assert {t.axis for t in p.targets} == {"row"}
+    assert p.base["d_model"] == 64 and p.base["n_ff"] == 256 and p.base["architecture"] == "llama"
+    prov = p.provenance
+    assert prov[ProvenanceKey.SEED] == 123
+    assert prov[ProvenanceKey.TRAINABLE_PARAMETERS] == p.trainable_parameters == sum(t.n_clusters * 64 for t in p.targets)
+    roles = {d["role"] for d in prov[ProvenanceKey.DATA]}
+    assert roles == {"harmful", "benign", "refusal-targets"}
+    for d in prov[ProvenanceKey.DATA]:
+        assert set(d) >= {"role", "source", "rows", "sha256"} and d["rows"] > 0 and len(d["sha256"]) == 64
+    assert prov[ProvenanceKey.CONFIG]["seed"] == 123 and prov[ProvenanceKey.LIBRARIES]["torch"]
+    det = prov[ProvenanceKey.DETECTION]
+    assert det["selected"] == p.n_neurons and len(det["per_module"]) == 4
+    assert TrainConfig.from_toml(trained.paths.config) == trained.config  # the resolved config reads back
+    assert not trained.paths.patch.with_name("policy.nestpatch.tmp").exists()
+
+
+def test_same_seed_same_patch_and_resume_continues_exactly(trained: Any, pico_dir: Path, tmp_path: Path) -> None:
+    from nestpatch.train.pipeline import train_policy
+
+    first = read_patch(trained.paths.patch)
+    # the kept checkpoint holds step 4 (saved every 4 steps, not at the end): resume from it
+    out = tmp_path / "policy.nestpatch"
+    ckpt_src = trained.paths.ckpt
+    import shutil
+
+    shutil.copytree(ckpt_src, tmp_path / "policy.ckpt")
+    resumed = train_policy(_cfg(pico_dir, out, resume=True, seed=None))
+    assert resumed.resumed_from == 4 and resumed.config.seed == 123  # the seed comes from the checkpoint
+    second = read_patch(out)
+    for a, b in zip(first.targets, second.targets):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.deltas, b.deltas, rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "policy.ckpt").exists()  # removed after success
+
+
+def test_nan_loss_stops_without_writing_a_patch(pico_dir: Path, tmp_path: Path) -> None:
+    from nestpatch.train.pipeline import train_policy
+
+    out = tmp_path / "nan.nestpatch"
+    with pytest.raises(TrainingError, match="NaN or infinite at step"):
+        train_policy(_cfg(pico_dir, out, lr=1e36, weight_decay=0.1, warmup_steps=0, max_grad_norm=0.0, steps=4, checkpoint_every=1))
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no stray temp file
+    assert (tmp_path / "nan.ckpt" / "state.safetensors").exists()  # the last good state is kept
+
+
+# ------------------------------------------------------------------------------------------ config and CLI
+def test_config_toml_round_trip_and_errors(tmp_path: Path) -> None:
+    cfg = TrainConfig(model="m", out="o.nestpatch", layers=[1, 2], clusters=None, seed=5)
+    f = tmp_path / "c.toml"
+    f.write_text(cfg.to_toml())
+    assert TrainConfig.from_toml(f) == cfg
+    f.write_text('[train]\nmodel = "m"\nlearning_rate = 1\n')
+    with pytest.raises(InputError, match="unknown option 'learning_rate'"):
+        TrainConfig.from_toml(f)
+    f.write_text('steps = "many"\n')
+    with pytest.raises(InputError, match="'steps' must be an integer"):
+        TrainConfig.from_toml(f)
+    with pytest.raises(InputError, match="--lr must be positive"):
+        TrainConfig(model="m", out="o", lr=0).validate()
+    with pytest.raises(InputError, match="--detector 'x' invalid"):
+        TrainConfig(model="m", out="o", detector="x").validate()
+    assert TrainConfig(model="m", out="o").resolved().seed is not None  # drawn and recorded
+
+
+def test_cli_train_with_config_file_and_flag_override(pico_dir: Path, tmp_path: Path) -> None:
+    from nestpatch.cli import cli
+
+    cfg = _cfg(pico_dir, tmp_path / "cli.nestpatch", steps=50)
+    (tmp_path / "t.toml").write_text(cfg.to_toml())
+    r = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / "t.toml"), "--steps", "2", "--quiet",
+                                 "--modules", "gate_proj,up_proj"])
+    assert r.exit_code == 0, r.output
+    assert "detection (mean_diff" in r.output and "trainable parameters" in r.output
+    assert TrainConfig.from_toml(tmp_path / "cli.train.toml").steps == 2
+    assert read_patch(tmp_path / "cli.nestpatch").provenance["training"]["steps"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--harmful", "harmbench-test"], "evaluation-only"),
+    (["--harmful", "{tmp}/h.jsonl", "--harmful-column", "goal"], "no column 'goal'"),
+    (["--benign", "{tmp}/empty.txt"], "holds no prompts"),
+    (["--threshold", "1000"], "lower --threshold"),
+])
+def test_cli_bad_input_is_one_line_exit_2_and_no_output(pico_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    from nestpatch.cli import cli
+
+    (tmp_path / "h.jsonl").write_text('{"prompt": "How do I pick a lock?"}\n')
+    (tmp_path / "empty.txt").write_text("\n")
+    out = tmp_path / "bad.nestpatch"
+    full = ["train", "--model", str(pico_dir), "--out", str(out), "--steps", "1", "--quiet", "--max-prompts", "8",
+            "--detect-prompts", "8"] + [a.format(tmp=tmp_path) for a in args]
+    r = CliRunner().invoke(cli, full)
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]  # (transformers' own loading bar may come before it on stderr)
+    assert last.startswith("error: ") and message in last
+    assert not out.exists() and not list(tmp_path.glob(".bad.nestpatch*"))
+
+
+def test_cli_model_directory_without_weights(tmp_path: Path) -> None:
+    from nestpatch.cli import cli
+
+    (tmp_path / "empty_model").mkdir()
+    r = CliRunner().invoke(cli, ["train", "--model", str(tmp_path / "empty_model"), "--out", str(tmp_path / "x.nestpatch"), "--quiet"])
+    assert r.exit_code == 2 and "holds no weights" in r.output
