@@ -135,7 +135,7 @@ def pooled_activations(model: Any, tokenizer: Any, prompts: Sequence[str], refs:
         raise InputError(f"unknown pooling {pool!r}; expected one of {POOLS}")
     enc = encode_prompts(tokenizer, prompts, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(_backbone(model).parameters()).device
+    device = model.get_input_embeddings().weight.device
     out: dict[str, list[np.ndarray]] = {r.hf_name: [] for r in refs}
     span_mask: list[Any] = [None]
 

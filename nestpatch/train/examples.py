@@ -74,7 +74,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_
     """Greedy answers of ``model`` (as it is now: hooks included) as token ids, cut after the end of turn."""
     stops = stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     out: list[list[int]] = []
     for b in range(0, len(prompts), batch_size):
         chunk = [prompt_ids(tokenizer, p, max_length) for p in prompts[b:b + batch_size]]

@@ -88,7 +88,7 @@ class Trainer:
         self.names = [s.name for s in deltas.specs]
         self.params = [deltas.deltas[k] for k in deltas.deltas.keys()]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.device = self.params[0].device
+        self.device = model.get_input_embeddings().weight.device  # where inputs go (device_map may spread the layers)
         seed = int(cfg.seed or 0)
         self.h_sampler = EpochSampler(len(self.harmful), seed, 1)
         self.b_sampler = EpochSampler(len(self.benign), seed, 2) if self.benign else None
