@@ -105,6 +105,16 @@ class BenchConfig:
             raise InputError("--speed-rounds and --speed-tokens must be positive")
         if not self.suites:
             raise InputError("--suites: no suite given")
+        from ..evaluate.suites import SUITES
+
+        from .jobs import HELDOUT_SUITE
+
+        for name in self.suites:  # before hours of training, not after
+            if name not in SUITES and name != HELDOUT_SUITE and not Path(name).exists():
+                raise InputError(f"--suites: unknown suite {name!r}: not a file, and not one of "
+                                 f"{', '.join(list(SUITES) + [HELDOUT_SUITE])}")
+            if name == "harmful-train":
+                raise InputError("--suites: harmful-train needs a patch; every method has its own training set here")
         return self
 
     def shared_train_config(self) -> TrainConfig:

@@ -104,6 +104,9 @@ def build_results(cfg: Any, results: dict[str, dict], speed: dict | None, *, ben
     """``results.json``: rows, harmful suites, the targets check, and how the run was made."""
     root = Path(cfg.out_dir)
     rows = {name: build_row(name, r, speed, root) for name, r in results.items()}
+    if "base" in rows and rows["base"]["ppl"] is None:  # the base's perplexity is measured next to every method's
+        rows["base"]["ppl"] = next(((r.get("eval") or {}).get("ppl_base") for r in results.values()
+                                    if (r.get("eval") or {}).get("ppl_base") is not None), None)
     harmful = []
     for r in rows.values():
         for s in r["asr"]:
