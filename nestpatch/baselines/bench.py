@@ -254,6 +254,8 @@ def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads
     names = [BASE] + list(entries)
     if saved is not None and all(n in saved.get("results", {}) for n in names):
         return saved
+    from ..models.loading import load_model
+
     base_path = resolve_model(base)
     decoders: dict[str, Any] = {}
     try:
@@ -264,15 +266,8 @@ def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads
                 try:
                     decoders[name] = sp.LlamaDecoder(path, n_threads=threads)
                     continue
-                except Exception as e:  # noqa: BLE001 - no llama.cpp: measure in torch and say so
+                except Exception as e:  # noqa: BLE001 - no llama.cpp: measure in torch, and the table says so
                     log.warning("llama.cpp cannot run %s (%s); measuring in torch", path, e)
-                    from ..models.loading import load_model
-
-                    lm = load_model(path, device=device)
-                    decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
-                    continue
-            from ..models.loading import load_model
-
             lm = load_model(path, device=device)
             decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
         results = sp.measure(decoders, new_tokens=new_tokens, rounds=rounds)

@@ -23,6 +23,12 @@ forward pass there), which saves a third of the compute.
 Note for readers of the table: rerouted models tend to answer harmful prompts with broken text
 rather than a refusal; a refusal-phrase judge counts broken text as compliance, so this
 method's ASR under that judge is an upper bound.
+
+Known limit (docs/RESULTS_baselines.md): on SmolLM2-135M the cosine stays at 0.9999 whatever the
+learning rate (1e-4 to 3e-3, bf16 or float32): two residual dimensions are large for every token
+(the mean hidden state carries about three quarters of each token's norm), so rerouting needs a
+change as large as the hidden state itself. Rerouting a centred representation is the next thing
+to try.
 """
 
 from __future__ import annotations

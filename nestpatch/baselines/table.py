@@ -164,8 +164,6 @@ def render_markdown(table: dict) -> str:
     rows = table["rows"]
     suites = table["harmful_suites"]
     nest_params = (rows.get("nest") or {}).get("trainable_parameters") or 0
-    any_row = next(iter(rows.values()), {})
-    n = any_row.get("n", {}) if any_row else {}
 
     def n_of(name: str) -> str:
         vals = {r["n"].get(name) for r in rows.values() if r["n"].get(name) is not None}
