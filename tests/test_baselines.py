@@ -102,6 +102,22 @@ def test_parameter_counts_and_artifacts(bench: tuple[dict, Path], pico_model: An
     assert cb["details"]["target_hidden_states"] == [1, 2]  # scaled to a 2-layer model
 
 
+def test_baselines_train_on_nests_sequences(bench: tuple[dict, Path], pico_hf_dir: Path) -> None:
+    """The shared data the baselines read (written from NeST's run) is what the train pipeline builds."""
+    from nestpatch.baselines.data import build_shared_data
+    from nestpatch.models.loading import load_model
+    from nestpatch.train import TrainConfig
+
+    _, out = bench
+    cached = json.loads((out / "data" / "shared.json").read_text())
+    tc = TrainConfig.from_dict(json.loads((out / "bench.json").read_text())["train_config"])
+    fresh = build_shared_data(load_model(str(pico_hf_dir), device="cpu"), tc)
+    assert [e["prompt"] for e in cached["harmful"]] == HARMFUL
+    assert [(e["prompt_ids"], e["response_ids"]) for e in cached["harmful"]] == [(e.prompt_ids, e.response_ids) for e in fresh.harmful]
+    assert [(e["prompt_ids"], e["response_ids"]) for e in cached["benign"]] == [(e.prompt_ids, e.response_ids) for e in fresh.benign]
+    assert len(cached["harmful_answers"]) == len(HARMFUL)  # circuit breakers added the base's own answers
+
+
 def test_artifacts_reload_to_the_evaluated_model(bench: tuple[dict, Path], pico_hf_dir: Path) -> None:
     """The folded HF directory equals base + artifact, for a PEFT adapter and for full weights."""
     import torch
@@ -245,3 +261,26 @@ def test_fold_into_gguf_matches_torch_in_llama_cpp(pico_model: Any, pico_gguf: A
         got = s.logits(ids)
     assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
     assert np.abs(got - want).max() < 0.2 * np.abs(base - want).max()
+
+
+def test_cli_runs_each_method_in_its_own_process(pico_hf_dir: Path, tmp_path: Path) -> None:
+    """The default path of ``nestpatch bench``: one worker process per method, then the table."""
+    from click.testing import CliRunner
+
+    from nestpatch.cli import cli
+
+    tc = _tiny_train_config(tmp_path)
+    toml = tmp_path / "train.toml"
+    toml.write_text(tc.to_toml(), encoding="utf-8")
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(pico_hf_dir), "--methods", "lora", "-o", str(out), "--train-config", str(toml),
+            "--limit", "1", "--max-new-tokens", "4", "--suites", "harmbench,utility", "--no-speed", "--quiet",
+            "--no-base", "--lr", "lora=2e-2"]
+    res = CliRunner().invoke(cli, args, obj={})
+    assert res.exit_code == 0, res.output
+    assert "| LoRA |" in res.output and (out / "lora" / "worker.json").exists()
+    row = json.loads((out / "results.json").read_text())["rows"]["lora"]
+    assert row["peak_rss_mb"] > 100 and "ru_maxrss" in row["details"]["peak_rss_source"]
+    assert row["asr"]["harmbench"] is not None and row["kl"] is not None
+    bad = CliRunner().invoke(cli, args[:-2] + ["--suites", "harmbench,nosuch"], obj={})
+    assert bad.exit_code == 2 and "unknown suite 'nosuch'" in bad.output

@@ -78,7 +78,7 @@ def _load_cache(path: Path | None, key: str) -> SharedData | None:
     return SharedData.from_json(d)
 
 
-def _save_cache(path: Path | None, data: SharedData, key: str) -> None:
+def save_cache(path: Path | None, data: SharedData, key: str) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,5 +119,5 @@ def shared_data(lm: LoadedModel, cfg: TrainConfig, cache: Path | None = None, *,
                                 for p, a in zip(prompts, answers) if a]
         dirty = True
     if dirty:
-        _save_cache(cache, data, key)
+        save_cache(cache, data, key)
     return data

@@ -31,12 +31,14 @@ def train(ctx: MethodContext) -> TrainOutcome:
 
     art_dir = ctx.out_dir / ARTIFACT_DIR
     art_dir.mkdir(parents=True, exist_ok=True)
-    cfg = ctx.config_for_method(out=str(art_dir / PATCH_FILE), resume=False, policy_name="nestpatch-bench")
+    # keep the checkpoint: its training sequences become the baselines' shared data (no second build)
+    cfg = ctx.config_for_method(out=str(art_dir / PATCH_FILE), resume=False, policy_name="nestpatch-bench", keep_checkpoint=True)
     result = train_policy(cfg, progress=ctx.progress)
     peak = peak_rss_mb()
     t = dict(result.timings)
     own = round(float(t.get("detect_cluster_s", 0.0)) + float(t.get("train_s", 0.0)), 3)
     paths = OutputPaths.for_output(cfg.out)
+    _share_examples(paths.ckpt, ctx, result.patch.provenance.get("data") or [])
     if paths.log.exists():  # every method's step log sits at METHOD/train.jsonl
         shutil.copyfile(paths.log, ctx.out_dir / TRAIN_LOG)
     first, final = loss_summary(read_jsonl(paths.log), ("refusal", "retain", "total"))
@@ -52,6 +54,26 @@ def train(ctx: MethodContext) -> TrainOutcome:
         details={"steps": cfg.steps, "lr": cfg.lr, "neurons": patch.n_neurons, "clusters": patch.n_clusters,
                  "selected_fraction": det.get("fraction"), "seed": result.config.seed},
     )
+
+
+def _share_examples(ckpt_path: Path, ctx: MethodContext, sources: list[dict]) -> None:
+    """Write NeST's training sequences as the bench's shared data, then drop the checkpoint.
+
+    They are what :func:`nestpatch.baselines.data.build_shared_data` would make (same functions,
+    same settings, same seed), so the baselines reuse them instead of asking the base model again.
+    """
+    from ..train.checkpoint import CheckpointDir
+    from .data import SharedData, cache_key, save_cache
+
+    ck = CheckpointDir(ckpt_path)
+    try:
+        ex = ck.load_examples() if ck.exists() else None
+        if ex is not None and ctx.data_cache is not None and not ctx.data_cache.exists():
+            h, b, info = ex
+            save_cache(ctx.data_cache, SharedData(list(h), list(b), dict(info), [d for d in sources if d.get("role") in ("harmful", "benign")]),
+                       cache_key(ctx.train_config))
+    finally:
+        ck.remove()
 
 
 def load_merged(lm: LoadedModel, outcome: TrainOutcome) -> Any:

@@ -83,13 +83,14 @@ class TorchDecoder:
 
 
 def measure(decoders: dict[str, Any], *, new_tokens: int = 64, rounds: int = 3, warmup: int = 8) -> dict[str, dict]:
-    """Interleaved rounds over ``decoders``; per name: median tokens/s, every round's figure, backend."""
+    """Interleaved rounds over ``decoders`` (order rotated each round); per name: median tokens/s, every round's figure, backend."""
     for d in decoders.values():
         d.decode_seconds(warmup)
     per: dict[str, list[float]] = {k: [] for k in decoders}
-    for _ in range(rounds):
-        for name, d in decoders.items():
-            per[name].append(new_tokens / max(d.decode_seconds(new_tokens), 1e-9))
+    names = list(decoders)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always goes first
+            per[name].append(new_tokens / max(decoders[name].decode_seconds(new_tokens), 1e-9))
     return {k: {"tokens_per_s": round(statistics.median(v), 2), "rounds": [round(x, 2) for x in v],
                 "backend": decoders[k].backend, "new_tokens": new_tokens} for k, v in per.items()}
 
