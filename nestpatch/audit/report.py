@@ -27,11 +27,11 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from ..format.constants import BaseKey, PolicyKey, ProvenanceKey, SignatureKey
 from ..format.patch import Patch
 from ..format.reader import read_patch
-from ..models.naming import parse_hf_name
+from ..models.naming import layer_and_module
 from . import figures
 from .evalruns import EvalRun, eval_rows, load_eval_run
 
@@ -53,11 +53,7 @@ class ReportOutput:
 def _per_target(p: Patch) -> list[dict]:
     out = []
     for t in p.targets:
-        try:
-            ref = parse_hf_name(t.name)
-            layer, module = str(ref.layer), ref.module
-        except UnsupportedError:
-            layer, module = "other", t.name
+        layer, module = layer_and_module(t.name)
         sizes = np.bincount(np.asarray(t.clusters, np.int64), minlength=t.n_clusters)  # (K,)
         norms = np.linalg.norm(np.asarray(t.deltas, np.float32), axis=1)  # (K,)
         out.append({

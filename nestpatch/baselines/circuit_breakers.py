@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from ..errors import InputError, TrainingError
-from ..models.loading import LoadedModel, load_model
-from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, timed
-from .data import shared_data
+from ..models.loading import LoadedModel
+from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
+from .data import load_method_inputs
 from .lora import lora_parameters, make_peft_model, merge_adapter, save_adapter
 
 log = logging.getLogger(__name__)
@@ -189,14 +189,9 @@ def train(ctx: MethodContext) -> TrainOutcome:
     from ..train.trainer import EpochSampler, lr_factor
 
     opts = ctx.options
-    cfg = ctx.config_for_method()
     timings: dict[str, float] = {}
-    with timed(timings, "load_s"):
-        lm = load_model(cfg.model, device=cfg.device)
-    with timed(timings, "shared_data_s"):
-        data = shared_data(lm, ctx.train_config, ctx.data_cache)
-    with timed(timings, "harmful_answers_s"):  # circuit breakers' own data: the base's compliant answers
-        data = shared_data(lm, ctx.train_config, ctx.data_cache, harmful_answers=True)
+    # circuit breakers' own data adds the base's compliant answers to the shared sets
+    cfg, lm, data = load_method_inputs(ctx, timings, harmful_answers=True)
     if not data.harmful_answers or not data.benign:
         raise InputError("circuit breakers need harmful answers and benign retain sequences; the base gave none")
     n_layers = int(lm.model.config.num_hidden_layers)

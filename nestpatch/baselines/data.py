@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path
-from ..models.loading import LoadedModel
+from ..models.loading import LoadedModel, load_model
 from ..train.config import TrainConfig
 from ..train.examples import Example, generate_answers, prompt_ids
 
@@ -121,3 +121,18 @@ def shared_data(lm: LoadedModel, cfg: TrainConfig, cache: Path | None = None, *,
     if dirty:
         save_cache(cache, data, key)
     return data
+
+
+def load_method_inputs(ctx: Any, timings: dict[str, float], *, harmful_answers: bool = False) -> tuple[TrainConfig, LoadedModel, SharedData]:
+    """Load the model and the data every method shares, timing both into ``timings``.
+
+    One place for what each baseline's ``train`` starts with, so all methods load and time alike.
+    """
+    from .common import timed
+
+    cfg = ctx.config_for_method()
+    with timed(timings, "load_s"):
+        lm = load_model(cfg.model, device=cfg.device)
+    with timed(timings, "shared_data_s"):
+        data = shared_data(lm, ctx.train_config, ctx.data_cache, harmful_answers=harmful_answers)
+    return cfg, lm, data

@@ -23,9 +23,9 @@ from typing import Any, Iterator
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from ..models.loading import LoadedModel, load_model
-from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, timed
-from .data import shared_data
+from ..models.loading import LoadedModel
+from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
+from .data import load_method_inputs
 from .loop import run_trainer
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,8 @@ def train(ctx: MethodContext) -> TrainOutcome:
     import torch
 
     opts = ctx.options
-    cfg = ctx.config_for_method()
     timings: dict[str, float] = {}
-    with timed(timings, "load_s"):
-        lm = load_model(cfg.model, device=cfg.device)
-    with timed(timings, "shared_data_s"):
-        data = shared_data(lm, ctx.train_config, ctx.data_cache)
+    cfg, lm, data = load_method_inputs(ctx, timings)
     scope = choose_scope(lm.model, str(opts["scope"]))
     params = trainable(lm.model, scope)
     for p in params.values():

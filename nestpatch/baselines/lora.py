@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 from ..atomic import atomic_dir
 from ..errors import InputError
-from ..models.loading import LoadedModel, load_model
-from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, timed
-from .data import shared_data
+from ..models.loading import LoadedModel
+from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
+from .data import load_method_inputs
 from .loop import run_trainer
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,8 @@ def merge_adapter(lm: LoadedModel, adapter_dir: str | Path) -> Any:
 def train(ctx: MethodContext) -> TrainOutcome:
     """Train LoRA adapters on the shared data and write the adapter directory."""
     opts = ctx.options
-    cfg = ctx.config_for_method()
     timings: dict[str, float] = {}
-    with timed(timings, "load_s"):
-        lm = load_model(cfg.model, device=cfg.device)
-    with timed(timings, "shared_data_s"):
-        data = shared_data(lm, ctx.train_config, ctx.data_cache)
+    cfg, lm, data = load_method_inputs(ctx, timings)
     pm = make_peft_model(lm.model, rank=int(opts["rank"]), alpha=float(opts["alpha"]), modules=opts["modules"], seed=int(cfg.seed or 0))
     group = ParamGroup(lora_parameters(pm), pm.disable_adapter)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0

@@ -10,19 +10,14 @@ import click
 from ..format import read_patch
 from ..format.constants import Doc
 from ..format.patch import Patch
-from ..models.naming import parse_hf_name
-from ..errors import UnsupportedError
+from ..models.naming import layer_and_module
 
 
 def patch_summary(p: Patch) -> dict:
     """Machine-readable summary of a patch (what ``inspect --json`` prints)."""
     per_layer: dict[str, dict] = defaultdict(dict)
     for t in p.targets:
-        try:
-            ref = parse_hf_name(t.name)
-            layer, module = str(ref.layer), ref.module
-        except UnsupportedError:
-            layer, module = "other", t.name
+        layer, module = layer_and_module(t.name)
         per_layer[layer][module] = {"neurons": t.n_neurons, "clusters": t.n_clusters}
     return {
         "targets": len(p.targets),

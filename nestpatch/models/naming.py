@@ -78,3 +78,12 @@ def check_architecture(arch: str, label: str) -> str:
     if a not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedError(f"{label}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return a
+
+
+def layer_and_module(name: str) -> tuple[str, str]:
+    """``("7", "up_proj")`` for an MLP weight name; ``("other", name)`` for anything else (for summaries)."""
+    try:
+        ref = parse_hf_name(name)
+    except UnsupportedError:
+        return "other", name
+    return str(ref.layer), ref.module
