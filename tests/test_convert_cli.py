@@ -170,3 +170,49 @@ def test_read_only_output_dir_exit_2(workdir):
                               "not writable")
     finally:
         ro.chmod(0o755)
+
+
+def test_apply_require_signature_gguf(workdir, pico_gguf):
+    """--require-signature: unsigned, other-key and tampered patches are refused before any output exists."""
+    pytest.importorskip("cryptography")
+    pytest.importorskip("nestpatch.converters.gguf_fold")
+    from nestpatch.audit.signing import generate_keypair, sign_patch
+
+    src = workdir / "pico.gguf"
+    shutil.copy(pico_gguf("Q8_0"), src)
+    before = sha(src)
+    patch = workdir / "pico.nestpatch"
+    key, pub, _ = generate_keypair(workdir / "release.key")
+    other_key, other_pub, _ = generate_keypair(workdir / "other.key")
+    out = workdir / "folded.gguf"
+
+    def refused(patch_file: Path, pattern: str, key_file: Path = pub) -> None:
+        assert_one_line_error(run("apply", src, patch_file, "-o", out, "--require-signature", key_file), pattern)
+        assert not out.exists() and sha(src) == before
+        assert not list(workdir.glob(".folded.gguf*"))  # no temporary left behind either
+
+    refused(patch, r"pico\.nestpatch: patch is not signed")
+    sign_patch(patch, other_key, out=workdir / "other.nestpatch")
+    refused(workdir / "other.nestpatch", r"other\.nestpatch: signed by another key")
+    refused(workdir / "missing.nestpatch", r"missing\.nestpatch: no such patch file")
+    refused(patch, r"nope\.pub: no such public key file", key_file=workdir / "nope.pub")
+    refused(patch, r"release\.key: is a private key", key_file=key)
+
+    sign_patch(patch, key)
+    tampered = workdir / "tampered.nestpatch"
+    raw = bytearray(patch.read_bytes())
+    raw[-1] ^= 0x01  # one bit of the last tensor's data
+    tampered.write_bytes(bytes(raw))
+    refused(tampered, r"tampered\.nestpatch: signature does not match: tensors changed")
+
+    res = run("apply", src, patch, "-o", out, "--require-signature", pub)
+    assert res.exit_code == 0, res.output
+    assert "Q8_0" in res.stdout and out.is_file()
+    out.unlink()
+    res = run("apply", src, "-o", out, "--require-signature", pub)  # the default patch beside MODEL is checked too
+    assert res.exit_code == 0 and out.is_file(), res.output
+    shutil.copy(workdir / "other.nestpatch", patch)
+    out.unlink()
+    refused_default = run("apply", src, "-o", out, "--require-signature", pub)
+    assert_one_line_error(refused_default, r"pico\.nestpatch: signed by another key")
+    assert not out.exists()

@@ -230,3 +230,20 @@ def test_key_forms_and_raising_contract(signed: tuple[Path, Path, Path], tmp_pat
         verify_signature(path, other.read_bytes())
     with pytest.raises(InputError, match="no such public key file"):
         verify_signature(path, "not-a-key")
+
+
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_chat_and_eval_require_signature(command: str, tmp_path: Path, pico_hf_dir: Path, pico_patch) -> None:
+    """``chat`` and ``eval`` refuse a patch not signed by --require-signature's key before any model loads."""
+    patch = write_patch(pico_patch, tmp_path / "pico.nestpatch")
+    key, pub, _ = generate_keypair(tmp_path / "k")
+    _, other_pub, _ = generate_keypair(tmp_path / "other")
+    args = {"chat": ["chat", str(pico_hf_dir), "--patch", str(patch), "--backend", "torch"],
+            "eval": ["eval", str(pico_hf_dir), "--patch", str(patch), "--suite", "benign", "--backend", "torch",
+                     "-o", str(tmp_path / "run")]}[command]
+    res = CliRunner().invoke(cli, [*args, "--require-signature", str(pub)], obj={}, input="")
+    assert res.exit_code == 2 and "pico.nestpatch: patch is not signed" in res.stderr, (res.output, res.exception)
+    sign_patch(patch, key)
+    res = CliRunner().invoke(cli, [*args, "--require-signature", str(other_pub)], obj={}, input="")
+    assert res.exit_code == 2 and "pico.nestpatch: signed by another key" in res.stderr, (res.output, res.exception)
+    assert not (tmp_path / "run").exists()

@@ -10,7 +10,7 @@ import click
 
 from ..assets import resolve_model
 from ..atomic import write_bytes_atomic
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError, SignatureError, UnsupportedError
 from ..format import FILE_EXTENSION, read_patch
 from ..models.naming import parse_hf_name
 
@@ -80,6 +80,20 @@ def render_report(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _require_signature(patch_path: Path, trusted: object) -> str:
+    """Check ``patch_path``'s exact bytes against the trusted key; return the signed content digest.
+
+    Raises:
+        InputError: no such patch file.
+        SignatureError: unsigned, signed by another key, or changed since signing (names the file).
+    """
+    from ..audit.signing import require_signature
+
+    if not patch_path.is_file():
+        raise InputError(f"{patch_path}: no such patch file")
+    return require_signature(patch_path, trusted).content_digest
+
+
 @click.command("apply")
 @click.argument("model", type=str)
 @click.argument("patch", required=False, type=click.Path(dir_okay=False))
@@ -89,13 +103,22 @@ def render_report(d: dict) -> str:
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically) instead of writing OUT.")
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the fold report as JSON here.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False), default=None,
+              help="Refuse PATCH unless it carries a valid ed25519 signature by this public key (PEM, OpenSSH or hex).")
 def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in_place: bool,
-              report_json: str | None, progress: bool | None) -> None:
+              report_json: str | None, progress: bool | None, pubkey: str | None) -> None:
     """Fold PATCH into MODEL (a .gguf file, an HF directory, a .safetensors file, or 'smollm2').
 
     PATCH defaults to the .nestpatch beside MODEL (same stem, or the only one there). The base
-    fingerprint is checked before anything is written; the output appears atomically.
+    fingerprint (and with --require-signature the patch's signature) is checked before anything
+    is written; the output appears atomically.
     """
+    trusted = None
+    if pubkey is not None:
+        from ..audit.signing import load_public_key
+
+        trusted = load_public_key(pubkey)  # a missing or bad key file fails before any other work
+    signed = _require_signature(Path(patch), trusted) if patch and trusted is not None else None  # before MODEL is fetched
     model_path = resolve_model(model)
     if not model_path.exists():
         raise InputError(f"{model_path}: no such model file or directory")
@@ -106,7 +129,11 @@ def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in
         raise InputError(f"{out}: --in-place replaces {model_path}; do not give another output")
     if not in_place and Path(out).exists() and os.path.samefile(out, model_path):
         raise InputError(f"{out}: output is the input model; choose another output or pass --in-place")
+    if trusted is not None and signed is None:
+        signed = _require_signature(patch_path, trusted)
     p = read_patch(patch_path)
+    if signed is not None and p.content_digest != signed:
+        raise SignatureError(f"{patch_path}: changed between the signature check and reading it; run again")
     show = sys.stderr.isatty() if progress is None else progress
     if _is_gguf(model_path):
         from ..converters.gguf_fold import fold_gguf
