@@ -211,22 +211,30 @@ def _fold(job: Job, lm: Any, merged: Any) -> dict:
     return info
 
 
-def method_job(job: Job) -> dict:
-    """Train (or reuse), evaluate and fold one method; write and return ``result.json``."""
+def _load_for_eval(job: Job) -> tuple[Any, list, list]:
+    """The job's model on its training config's device, and its bench suites.
+
+    One place for both, so the base and every method are evaluated on the same device and suites.
+
+    Returns:
+        ``(loaded_model, generation_suites, utility_suites)`` as :func:`load_bench_suites` splits them.
+    """
     from ..models.loading import load_model
 
-    d = job.dir
-    d.mkdir(parents=True, exist_ok=True)
-    done = read_json(d / RESULT_FILE)
-    if done is not None:
-        return done
-    outcome = train_stage(job)
-    gc.collect()
-    m = get_method(job.method)
     cfg = TrainConfig.from_dict(job.train_config)
     lm = load_model(job.model, device=cfg.device)
-    merged = m.load_merged(lm, outcome)
     gen, util = load_bench_suites(job.suites)
+    return lm, gen, util
+
+
+def method_job(job: Job) -> dict:
+    """Train (or reuse the training), evaluate and fold one method; write and return ``result.json``."""
+    d = job.dir
+    outcome = train_stage(job)
+    gc.collect()  # the training model is gone before the evaluation model loads
+    m = get_method(job.method)
+    lm, gen, util = _load_for_eval(job)
+    merged = m.load_merged(lm, outcome)
     t0 = time.perf_counter()
     summary = _evaluate(lm, gen, {TRAINED: lambda: contextlib.nullcontext(merged)}, d / EVAL_DIR, job) if gen else None
     usum = (_evaluate(lm, util, {BASE: contextlib.nullcontext, TRAINED: lambda: contextlib.nullcontext(merged)}, d / UTILITY_DIR, job)
@@ -242,16 +250,8 @@ def method_job(job: Job) -> dict:
 
 def base_job(job: Job) -> dict:
     """Evaluate the untouched model on the generation suites; write and return ``result.json``."""
-    from ..models.loading import load_model
-
     d = job.dir
-    d.mkdir(parents=True, exist_ok=True)
-    done = read_json(d / RESULT_FILE)
-    if done is not None:
-        return done
-    cfg = TrainConfig.from_dict(job.train_config)
-    lm = load_model(job.model, device=cfg.device)
-    gen, _ = load_bench_suites(job.suites)
+    lm, gen, _ = _load_for_eval(job)
     t0 = time.perf_counter()
     summary = _evaluate(lm, gen, {BASE: contextlib.nullcontext}, d / EVAL_DIR, job) if gen else None
     metrics = _metrics(summary, None, BASE)
@@ -292,5 +292,9 @@ def _metrics(summary: dict | None, usum: dict | None, variant: str) -> dict:
 
 
 def run_job(job: Job) -> dict:
-    """Run ``job`` in this process."""
+    """Run ``job`` in this process; a finished job's ``result.json`` is returned as it is."""
+    job.dir.mkdir(parents=True, exist_ok=True)
+    done = read_json(job.dir / RESULT_FILE)
+    if done is not None:
+        return done
     return base_job(job) if job.method == BASE else method_job(job)
