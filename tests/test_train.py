@@ -312,3 +312,60 @@ def test_cli_model_directory_without_weights(tmp_path: Path) -> None:
     (tmp_path / "empty_model").mkdir()
     r = CliRunner().invoke(cli, ["train", "--model", str(tmp_path / "empty_model"), "--out", str(tmp_path / "x.nestpatch"), "--quiet"])
     assert r.exit_code == 2 and "holds no weights" in r.output
+
+
+# ------------------------------------------------------------------------------ opening-focused losses
+def test_head_weights_and_weighted_ce_match_a_hand_computation() -> None:
+    from nestpatch.train.losses import head_weights, token_ce
+
+    pos = torch.tensor([[-1, 0, 1, 2], [0, 1, -1, -1]])
+    w = head_weights(pos, head_tokens=2, head_weight=5.0)
+    assert w.tolist() == [[1.0, 5.0, 5.0, 1.0], [5.0, 5.0, 1.0, 1.0]]
+    assert head_weights(pos, 0, 5.0) is None and head_weights(pos, 2, 1.0) is None
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[-100, 1, 2, 3], [4, 5, -100, -100]])
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), reduction="none", ignore_index=-100)
+    ce = ce.reshape(2, 4)
+    want = (ce[0, 1] * 5 + ce[0, 2] * 5 + ce[0, 3] + ce[1, 0] * 5 + ce[1, 1] * 5) / 21
+    assert float(token_ce(logits, labels, w)) == pytest.approx(float(want), rel=1e-5)
+    assert float(token_ce(logits, labels)) == pytest.approx(float(ce[labels != -100].mean()), rel=1e-5)
+
+
+def test_sequence_unlikelihood_is_minus_log_one_minus_p_of_the_opening() -> None:
+    from nestpatch.train.losses import sequence_unlikelihood
+
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1, 2, -100], [-100, -100, -100]])  # the second row has no opening: skipped
+    lp = torch.log_softmax(logits, -1)
+    p = math.exp(float(lp[0, 0, 1] + lp[0, 1, 2]))
+    assert float(sequence_unlikelihood(logits, labels)) == pytest.approx(-math.log(1 - p), rel=1e-5)
+
+
+def test_unlikelihood_gradient_pushes_a_likely_opening_down() -> None:
+    """Where the opening is likely (what refusal training does to benign prompts), descent makes it unlikely."""
+    from nestpatch.train.losses import sequence_unlikelihood
+
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 1] = logits[0, 1, 2] = 4.0  # p(opening) ~ 0.9
+    logits.requires_grad_(True)
+    labels = torch.tensor([[1, 2]])
+    opt = torch.optim.SGD([logits], lr=0.5)
+    p0 = 1 - math.exp(-float(sequence_unlikelihood(logits, labels)))  # the loss is -log(1 - p)
+    for _ in range(20):
+        opt.zero_grad()
+        sequence_unlikelihood(logits, labels).backward()
+        opt.step()
+    lp = torch.log_softmax(logits.detach(), -1)
+    p = math.exp(float(lp[0, 0, 1] + lp[0, 1, 2]))
+    assert p0 > 0.8 and p < 0.5, (p0, p)
+
+
+def test_train_with_opening_losses_logs_them(pico_dir: Path, tmp_path: Path) -> None:
+    from nestpatch.train.pipeline import train_policy
+
+    res = train_policy(_cfg(pico_dir, tmp_path / "ul.nestpatch", benign_refusal_weight=2.0, head_tokens=2, head_weight=3.0,
+                            steps=3, checkpoint_every=0))
+    log = [json.loads(line) for line in res.paths.log.read_text().splitlines()]
+    assert len(log) == 3 and all(math.isfinite(r["benign_refusal"]) and r["benign_refusal"] >= 0 for r in log)
+    assert all(r["total"] >= r["refusal"] for r in log)
+    assert res.config.benign_refusal_weight == 2.0 and read_patch(res.paths.patch).provenance["config"]["head_tokens"] == 2

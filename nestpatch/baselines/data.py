@@ -91,9 +91,9 @@ def build_shared_data(lm: LoadedModel, cfg: TrainConfig) -> SharedData:
     from ..train import pipeline
 
     h_sets, b_sets = pipeline.load_training_prompts(cfg)
-    harmful, h_cats = pipeline._merge_sets(h_sets)  # noqa: SLF001 - the pipeline's own de-duplication
-    benign, _ = pipeline._merge_sets(b_sets)  # noqa: SLF001
-    h_ex, b_ex, info = pipeline.build_examples(lm, cfg, harmful, h_cats, benign, pipeline._Bars(False))  # noqa: SLF001
+    harmful, h_cats = pipeline.merge_prompt_sets(h_sets)
+    benign, _ = pipeline.merge_prompt_sets(b_sets)
+    h_ex, b_ex, info = pipeline.build_examples(lm, cfg, harmful, h_cats, benign)
     sources = [s.provenance("harmful") for s in h_sets] + [s.provenance("benign") for s in b_sets]
     log.info("shared data: %d harmful, %d benign sequences (%s refusal targets)", len(h_ex), len(b_ex), info.get("refusal_targets"))
     return SharedData(h_ex, b_ex, info, sources)

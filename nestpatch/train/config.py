@@ -80,6 +80,12 @@ class TrainConfig:
                                 "those answers (ce), or none.", choices=RETAIN_LOSSES)
     retain_weight: float = _f(3.0, "Weight of the retain term.")
     retain_answer_tokens: int = _f(16, "Length of the base model's greedy answers used by the retain term.")
+    head_tokens: int = _f(0, "Opening response tokens (refusal targets and retain answers) weighted by --head-weight: "
+                             "the opening decides whether a reply refuses.")
+    head_weight: float = _f(1.0, "Loss weight of the first --head-tokens response tokens (1 = plain mean).")
+    benign_refusal_weight: float = _f(0.0, "Weight of an unlikelihood term that pushes down refusal openings after benign "
+                                           "prompts (-log(1 - p(opening))); 0 disables.")
+    benign_refusal_tokens: int = _f(4, "Tokens of the refusal opening the unlikelihood term scores.")
     steps: int = _f(40, "Optimizer steps.")
     batch_size: int = _f(8, "Harmful prompts per micro-batch (the same number of benign prompts is added).")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
@@ -121,7 +127,8 @@ class TrainConfig:
         for m in self.modules:
             if m not in ("gate_proj", "up_proj", "down_proj"):
                 raise InputError(f"--modules {m!r} invalid; expected gate_proj, up_proj or down_proj")
-        positive = ("steps", "batch_size", "grad_accum", "max_length", "probe_epochs", "retain_answer_tokens", "batch_size_detect")
+        positive = ("steps", "batch_size", "grad_accum", "max_length", "probe_epochs", "retain_answer_tokens", "batch_size_detect",
+                    "benign_refusal_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -129,7 +136,8 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise InputError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("max_prompts", "detect_prompts", "warmup_steps", "checkpoint_every", "threads", "max_neurons_per_module",
-                     "retain_weight", "weight_decay", "max_grad_norm"):
+                     "retain_weight", "weight_decay", "max_grad_norm", "head_tokens", "head_weight",
+                     "benign_refusal_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if self.clusters is not None and self.clusters < 1:

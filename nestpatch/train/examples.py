@@ -104,6 +104,7 @@ class Batch:
     position_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, L): next-token targets of the last L positions, -100 where no loss
     keep: int  # L
+    response_pos: torch.Tensor | None = None  # (B, L): index j of the response token each label is, -1 where no loss
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Batch:
@@ -114,11 +115,14 @@ def collate(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Ba
     r_max = max(len(e.response_ids) for e in examples)
     keep = min(t, r_max + 1)
     labels = np.full((len(examples), keep), -100, dtype=np.int64)
+    pos = np.full((len(examples), keep), -1, dtype=np.int64)
     for i, e in enumerate(examples):
         r = len(e.response_ids)
         for j in range(r):  # response token j sits at position t - r + j, predicted from the position before it
             k = (t - r + j - 1) - (t - keep)
             if k >= 0:
                 labels[i, k] = e.response_ids[j]
+                pos[i, k] = j
     ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-    return Batch(ids_t, mask_t, (mask_t.cumsum(-1) - 1).clamp(min=0), torch.from_numpy(labels).to(device), keep)
+    return Batch(ids_t, mask_t, (mask_t.cumsum(-1) - 1).clamp(min=0), torch.from_numpy(labels).to(device), keep,
+                 torch.from_numpy(pos).to(device))

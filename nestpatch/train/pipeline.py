@@ -104,7 +104,7 @@ def _check_output(paths: OutputPaths) -> None:
         log.warning("%s: output does not end in .nestpatch", paths.patch)
 
 
-def _merge_sets(sets: list[PromptSet]) -> tuple[list[str], list[str | None]]:
+def merge_prompt_sets(sets: list[PromptSet]) -> tuple[list[str], list[str | None]]:
     """Prompts of several sources, de-duplicated across them, with each prompt's category (built-in sets have one)."""
     seen: set[str] = set()
     prompts, cats = [], []
@@ -129,8 +129,8 @@ def load_training_prompts(cfg: TrainConfig) -> tuple[list[PromptSet], list[Promp
             if hits:
                 raise InputError(f"{s.source}: {len(hits)} {role} prompt(s) are HarmBench evaluation prompts "
                                  f"(first: {hits[0][:80]!r}); remove them: training on evaluation prompts voids every ASR figure")
-    h_prompts = set(_merge_sets(harmful)[0])
-    both = [p for p in _merge_sets(benign)[0] if p in h_prompts]
+    h_prompts = set(merge_prompt_sets(harmful)[0])
+    both = [p for p in merge_prompt_sets(benign)[0] if p in h_prompts]
     if both:
         raise InputError(f"{len(both)} prompt(s) are in both the harmful and the benign sets (first: {both[0][:80]!r})")
     return harmful, benign
@@ -170,9 +170,10 @@ class _Bars:
 
 
 # ---------------------------------------------------------------------------------------------
-def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars
+def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars | None = None
                    ) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
     """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats."""
+    bars = bars or _Bars(False)
     seed = int(cfg.seed or 0)
     dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
     det = detect(lm.model, lm.tokenizer, dh, db, modules=cfg.modules, layers=cfg.layers or None, detector=cfg.detector,
@@ -191,8 +192,9 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
 
 
 def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats: list[str | None], benign: list[str],
-                   bars: _Bars) -> tuple[list[Example], list[Example], dict]:
+                   bars: _Bars | None = None) -> tuple[list[Example], list[Example], dict]:
     """Refusal targets for harmful prompts and the base model's own answers for benign ones."""
+    bars = bars or _Bars(False)
     tok, seed = lm.tokenizer, int(cfg.seed or 0)
     judge_name, judge = refusal_judge()
     info: dict[str, Any] = {"refusal_targets": "template", "judge": judge_name}
@@ -264,8 +266,8 @@ def train_policy(config: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     t = time.time()
     h_sets, b_sets = load_training_prompts(cfg)
-    harmful, h_cats = _merge_sets(h_sets)
-    benign, _ = _merge_sets(b_sets)
+    harmful, h_cats = merge_prompt_sets(h_sets)
+    benign, _ = merge_prompt_sets(b_sets)
     lm = load_model(cfg.model, device=cfg.device, device_map=cfg.device_map)
     timings["load_s"] = round(time.time() - t, 2)
     log.info("model %s loaded; %d harmful and %d benign prompts", lm.source, len(harmful), len(benign))

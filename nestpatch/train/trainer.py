@@ -24,7 +24,7 @@ from .adapter import SharedDeltas
 from .checkpoint import CheckpointDir, restore_optimizer
 from .config import TrainConfig
 from .examples import Batch, Example, collate
-from .losses import token_ce, token_kl
+from .losses import head_weights, sequence_unlikelihood, token_ce, token_kl
 
 log = logging.getLogger(__name__)
 
@@ -101,28 +101,42 @@ class Trainer:
         return out.logits  # (B, L, V)
 
     def micro_step(self, h_idx: list[int], b_idx: list[int]) -> dict[str, torch.Tensor]:
-        """Forward + losses for one micro-batch (harmful first, then benign rows)."""
-        ex = [self.harmful[i] for i in h_idx] + [self.benign[i] for i in b_idx]
-        batch = collate(ex, self.pad_id, self.device)
-        nh = len(h_idx)
-        ac = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        """Forward + losses for one micro-batch: harmful rows, benign rows, then (with the unlikelihood
+        term on) each benign prompt followed by the opening of a harmful row's refusal target."""
+        cfg = self.cfg
+        harm = [self.harmful[i] for i in h_idx]
+        ben = [self.benign[i] for i in b_idx]
+        neg: list[Example] = []
+        if cfg.benign_refusal_weight > 0 and harm:
+            neg = [Example("benign-refusal", b.prompt, b.prompt_ids, harm[i % len(harm)].response_ids[:cfg.benign_refusal_tokens])
+                   for i, b in enumerate(ben)]
+        batch = collate(harm + ben + neg, self.pad_id, self.device)
+        nh, nb = len(harm), len(ben)
+        w = head_weights(batch.response_pos, cfg.head_tokens, cfg.head_weight) if batch.response_pos is not None else None
+        ac = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         with ac:
             logits = self._forward_keep(batch)
-        refusal = token_ce(logits[:nh], batch.labels[:nh])
+        refusal = token_ce(logits[:nh], batch.labels[:nh], None if w is None else w[:nh])
         losses = {"refusal": refusal}
-        if b_idx and self.cfg.retain_loss != "none":
-            lb, labels_b = logits[nh:], batch.labels[nh:]
-            if self.cfg.retain_loss == "ce":
-                retain = token_ce(lb, labels_b)
+        total = refusal
+        if ben and cfg.retain_loss != "none":
+            lb, labels_b = logits[nh:nh + nb], batch.labels[nh:nh + nb]
+            wb = None if w is None else w[nh:nh + nb]
+            if cfg.retain_loss == "ce":
+                retain = token_ce(lb, labels_b, wb)
             else:
+                sl = slice(nh, nh + nb)
                 with torch.no_grad(), self.deltas.disabled(), ac:
-                    base = self.model(input_ids=batch.input_ids[nh:], attention_mask=batch.attention_mask[nh:],
-                                      position_ids=batch.position_ids[nh:], use_cache=False, logits_to_keep=batch.keep).logits
-                retain = token_kl(lb, base, labels_b != -100)
+                    base = self.model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl],
+                                      position_ids=batch.position_ids[sl], use_cache=False, logits_to_keep=batch.keep).logits
+                retain = token_kl(lb, base, labels_b != -100, wb)
             losses["retain"] = retain
-            losses["total"] = refusal + self.cfg.retain_weight * retain
-        else:
-            losses["total"] = refusal
+            total = total + cfg.retain_weight * retain
+        if neg:
+            unlikely = sequence_unlikelihood(logits[nh + nb:], batch.labels[nh + nb:])
+            losses["benign_refusal"] = unlikely
+            total = total + cfg.benign_refusal_weight * unlikely
+        losses["total"] = total
         return losses
 
     # -- the loop -------------------------------------------------------------------------------
@@ -177,7 +191,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
         tail = history[-10:]
-        final = {k: round(float(np.mean([r[k] for r in tail])), 6) for k in ("refusal", "retain", "total") if tail and k in tail[0]}
+        final = {k: round(float(np.mean([r[k] for r in tail])), 6) for k in ("refusal", "retain", "benign_refusal", "total")
+                 if tail and k in tail[0]}
         return TrainSummary(steps=cfg.steps, start_step=start_step, final=final, first=first, wall_s=time.time() - t0)
 
     def _clip(self) -> float:
