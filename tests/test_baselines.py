@@ -284,3 +284,79 @@ def test_cli_runs_each_method_in_its_own_process(pico_hf_dir: Path, tmp_path: Pa
     assert row["asr"]["harmbench"] is not None and row["kl"] is not None
     bad = CliRunner().invoke(cli, args[:-2] + ["--suites", "harmbench,nosuch"], obj={})
     assert bad.exit_code == 2 and "unknown suite 'nosuch'" in bad.output
+
+
+def _reroute_trajectory(model: Any, *, space: str, retain: str, init_b_std: float, steps: int = 20, lr: float = 1e-2) -> list[float]:
+    """Rerouting loss per step of circuit breakers' losses on ``model`` (the train loop's schedule, 8 + 8 random sequences)."""
+    import torch
+
+    from nestpatch.baselines import circuit_breakers as cb
+    from nestpatch.baselines.lora import lora_parameters, make_peft_model
+    from nestpatch.train.examples import Example, collate
+
+    torch.set_num_threads(1)
+    g = np.random.default_rng(0)
+    ex = lambda kind: [Example(kind, "", g.integers(100, 5000, 12).tolist(), g.integers(100, 5000, 8).tolist()) for _ in range(8)]  # noqa: E731
+    harmful, benign = ex("harmful-answer"), ex("benign")
+    targets = cb.target_layers(model.config.num_hidden_layers)
+    pm = make_peft_model(copy.deepcopy(model), rank=4, alpha=4.0, modules=list(cb.ALL_LINEAR), layers=list(range(targets[1])))
+    params = lora_parameters(pm)
+    cb.init_lora_b(params, init_b_std, 0)
+    stats = cb.fit_base_stats(pm, benign, targets, space=space, retain=retain, pad=2, skip=0, batch_size=8, autocast=False)
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    hb, bb = collate(harmful, 2), collate(benign, 2)
+    out = []
+    for step in range(steps):
+        c_rr, c_rt = cb.coefficients(step, steps, 10.0)
+        losses = cb.step_losses(pm, hb, bb, targets, autocast=False, stats=stats)
+        opt.zero_grad()
+        (c_rr * losses.reroute + c_rt * losses.retain).backward()
+        opt.step()
+        out.append(float(losses.reroute.detach()))
+    return out
+
+
+def _with_outlier_dims(model: Any) -> Any:
+    """A copy of ``model`` whose residual stream carries SmolLM2's defect: two dimensions large for every token."""
+    import torch
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        w = m.get_input_embeddings().weight  # (V, d)
+        scale = float(w.norm(dim=-1).mean())
+        w[:, 3] += 4.0 * scale
+        w[:, 17] -= 3.0 * scale
+    return m
+
+
+def test_circuit_breaker_rerouting_moves_despite_outlier_dimensions(pico_model: Any) -> None:
+    """The paper's raw cosine from B = 0 stays near 1 on a residual stream dominated by shared dimensions; the default falls."""
+    from nestpatch.testing import make_pico_model
+
+    model = _with_outlier_dims(make_pico_model(seed=0, num_hidden_layers=4))
+    paper = _reroute_trajectory(model, space="raw", retain="absolute", init_b_std=0.0)
+    fixed = _reroute_trajectory(model, space="standardised", retain="relative", init_b_std=1e-3)
+    assert fixed[0] > 0.99 and paper[0] > 0.99  # both start at the base
+    assert min(fixed[-3:]) < 0.7 * fixed[0], f"rerouting loss did not fall: {fixed}"
+    assert min(paper) > 0.95, f"raw cosine from B = 0 was expected to stay near 1 here: {paper}"
+
+
+def test_circuit_breaker_zero_b_has_no_rerouting_gradient(pico_model: Any) -> None:
+    """Why B starts random: at B = 0 the patched model is the base, where cos = 1 is a maximum (zero gradient)."""
+    import torch
+
+    from nestpatch.baselines import circuit_breakers as cb
+    from nestpatch.baselines.lora import lora_parameters, make_peft_model
+    from nestpatch.train.examples import Example, collate
+
+    pm = make_peft_model(copy.deepcopy(pico_model), rank=4, alpha=4.0, modules=list(cb.ALL_LINEAR), layers=[0, 1])
+    params = lora_parameters(pm)
+    hb = collate([Example("harmful-answer", "", [5, 6, 7, 8], [9, 10, 11])], 2)
+    bb = collate([Example("benign", "", [15, 16, 17, 18], [19, 20])], 2)
+    grads = []
+    for std in (0.0, 1e-2):
+        cb.init_lora_b(params, std, 0)
+        pm.zero_grad()
+        cb.step_losses(pm, hb, bb, (1, 2), autocast=False).reroute.backward()
+        grads.append(float(torch.stack([p.grad.norm() for p in params.values() if p.grad is not None]).norm()))
+    assert grads[0] < 1e-6 < grads[1]
