@@ -190,6 +190,20 @@ def test_gguf_reencoding_tolerance(gguf_folds: dict[str, Any], pico_patch: Any, 
     assert r.exit_code == 1 and "blk.0.ffn_gate.weight" in r.output
 
 
+def test_gguf_low_bit_change_outside_the_patched_neurons_fails(gguf_folds: dict[str, Any], pico_patch: Any, tmp_path: Path) -> None:
+    """The re-encoding tolerance covers only blocks the fold re-encodes: a one-step change in a
+    neuron the patch does not touch (same tensor) is tampering, with or without --exact."""
+    t = pico_patch.targets[0]
+    untouched = next(i for i in range(t.n_neuron_axis) if i not in set(int(x) for x in t.indices))
+    base, folded = gguf_folds["Q4_1"]
+    bad = _copy(folded, tmp_path / "outside.gguf")
+    _flip(bad, _byte_of(bad, "blk.0.ffn_gate.weight", untouched, 5), 0x01)
+    res = verify_model(bad, gguf_folds["patch"], base=base)
+    assert not res.ok and res.within_tolerance == []
+    assert [(f.tensor, f.problem) for f in res.findings] == [("blk.0.ffn_gate.weight", "touched_outside")]
+    assert f"neurons {untouched} changed but the patch does not touch them" in res.findings[0].detail
+
+
 def test_block_steps() -> None:
     v = np.concatenate([np.linspace(0, 15, 32), np.linspace(-3, 3, 32)])[None, :].astype(np.float32)  # (1, 64)
     s = block_steps(v, "Q4_1")

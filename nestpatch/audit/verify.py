@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fingerprint import relative_error, sketch
-from ..format.constants import SKETCH_SIZE, SKETCH_TOLERANCE, BaseKey, FingerprintKey, PolicyKey
+from ..format.constants import AXIS_ROW, SKETCH_SIZE, SKETCH_TOLERANCE, BaseKey, FingerprintKey, PolicyKey
 from ..format.patch import Patch, Target
 from ..format.reader import read_patch
 from ..format.writer import compute_digest
@@ -186,6 +186,16 @@ def _compare_tensor(name: str, m: ModelFile, e: ModelFile, b: ModelFile, t: Targ
         return
     dev = np.abs(M - E)  # (rows, row_len): the stored layout, quant blocks run along the last axis
     if info_m.quantized:
+        # the fold re-encodes only blocks holding a patched neuron: any other block must be byte-identical,
+        # whatever the re-encoding tolerance says about the touched ones
+        outside_el = (dev > 0) & ~_touched_blocks(t, M.shape, info_m.type)
+        if outside_el.any():
+            bad_out = neuron_vectors(outside_el, t.axis, np.arange(t.n_neuron_axis)).any(axis=1)
+            mv, ev, bv = (neuron_vectors(x, t.axis, np.arange(t.n_neuron_axis)) for x in (M, E, B))
+            res.findings.extend(_classify_neurons(name, t, mv, ev, bv, bad_out))
+            dev = np.where(outside_el, 0.0, dev)
+            if not dev.any():
+                return
         step = block_steps(E, info_m.type)  # (rows, row_len): one quantization step of each element's block
         excess = dev / np.maximum(step, 1e-30)
         intended = B + t.dense_update()  # what the fold aims at, before re-encoding
@@ -206,6 +216,24 @@ def _compare_tensor(name: str, m: ModelFile, e: ModelFile, b: ModelFile, t: Targ
                                                     f"from base + delta (error {err_m:.4g} vs {err_e:.4g})"
                          if info_m.quantized else "encoded bytes differ (same decoded values)")]
     res.findings.extend(found)
+
+
+def _touched_blocks(t: Target, shape: tuple[int, ...], qtype: str) -> np.ndarray:
+    """``shape`` bool: elements whose quantization block holds an element of a patched neuron."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    touched = np.zeros(shape, bool)
+    idx = np.asarray(t.indices, np.int64)
+    if t.axis == AXIS_ROW:
+        touched[idx, :] = True
+    else:
+        touched[:, idx] = True
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+    rows, row_len = shape[0], int(np.prod(shape[1:]))
+    if block <= 1 or row_len % block:
+        return touched
+    per_block = touched.reshape(rows, row_len // block, block).any(axis=2, keepdims=True)
+    return np.broadcast_to(per_block, (rows, row_len // block, block)).reshape(shape)
 
 
 #: Quantization levels per element (block of ``_SUB_BLOCK`` values) of each GGML type.
