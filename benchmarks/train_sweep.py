@@ -74,7 +74,7 @@ def main() -> None:
             det, cstats = info["detection"], info["clusters"]
         timings["detect_cluster_s"] = round(time.time() - t, 2)
         t = time.time()
-        ex = ex_dir.load_examples() if ex_dir.exists() else None
+        ex = ex_dir.load_examples()
         if ex is None:
             h_ex, b_ex, ex_info = build_examples(lm, cfg, harmful, h_cats, benign)
             ex_dir.save_examples(h_ex, b_ex, ex_info)

