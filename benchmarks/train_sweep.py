@@ -46,9 +46,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base_cfg = TrainConfig(model=args.model, out=str(out / "sweep.nestpatch"), seed=args.seed, threads=args.threads)
-    h_sets, b_sets = load_training_prompts(base_cfg.resolved())
-    harmful, h_cats = merge_prompt_sets(h_sets)
-    benign, _ = merge_prompt_sets(b_sets)
     t = time.time()
     lm = load_model(args.model)
     print(f"model loaded in {time.time() - t:.0f} s", flush=True)
@@ -57,6 +54,9 @@ def main() -> None:
     for name, overrides in variants:
         cfg = base_cfg.merged({**overrides, "out": str(out / f"{name}.nestpatch")}).resolved()
         timings: dict[str, float] = {}
+        h_sets, b_sets = load_training_prompts(cfg)  # per variant: a variant may change the data
+        harmful, h_cats = merge_prompt_sets(h_sets)
+        benign, _ = merge_prompt_sets(b_sets)
         sel_key = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in (
             "modules", "layers", "detector", "threshold", "min_weight", "max_neurons_per_module", "pool", "clusters", "k_min",
             "k_max", "detect_prompts", "max_prompts", "harmful", "benign", "seed")}, sort_keys=True).encode()).hexdigest()[:12]

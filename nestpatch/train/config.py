@@ -78,11 +78,11 @@ class TrainConfig:
                               choices=REFUSAL_TARGETS)
     retain_loss: str = _f("ce", "Retain term on benign prompts: KL to the frozen base on its own answers (kl), cross-entropy on "
                                 "those answers (ce), or none.", choices=RETAIN_LOSSES)
-    retain_weight: float = _f(3.0, "Weight of the retain term.")
+    retain_weight: float = _f(1.5, "Weight of the retain term.")
     retain_answer_tokens: int = _f(16, "Length of the base model's greedy answers used by the retain term.")
-    head_tokens: int = _f(0, "Opening response tokens (refusal targets and retain answers) weighted by --head-weight: "
+    head_tokens: int = _f(4, "Opening response tokens (refusal targets and retain answers) weighted by --head-weight: "
                              "the opening decides whether a reply refuses.")
-    head_weight: float = _f(1.0, "Loss weight of the first --head-tokens response tokens (1 = plain mean).")
+    head_weight: float = _f(4.0, "Loss weight of the first --head-tokens response tokens (1 = plain mean).")
     benign_refusal_weight: float = _f(0.0, "Weight of an unlikelihood term that pushes down refusal openings after benign "
                                            "prompts (-log(1 - p(opening))); 0 disables.")
     benign_refusal_tokens: int = _f(4, "Tokens of the refusal opening the unlikelihood term scores.")
