@@ -3,7 +3,8 @@
 A sweep over `nestpatch train` settings pays the model load once, and detection and target
 building once per distinct setting of what they depend on (the selection is cached under
 ``OUT/cache``). Each variant writes ``OUT/NAME.nestpatch`` and its training log; score them with
-``benchmarks/tune_eval.py`` (tuning sets only).
+``benchmarks/tune_eval.py`` (tuning sets only). The cache is keyed on settings, not file contents:
+clear ``OUT/cache`` after editing a prompt file.
 
     python benchmarks/train_sweep.py -o runs/sweep --seed 0 \\
         default='{}' rw10='{"retain_weight": 10}' ul='{"benign_refusal_weight": 1}'
