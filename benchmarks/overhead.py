@@ -9,9 +9,9 @@ each round times a batched prefill and token-by-token decoding over the same fix
     python benchmarks/overhead.py                       # smollm2 + a generated realistic patch
     python benchmarks/overhead.py --model M.gguf --patch P.nestpatch --threads 4 --json out.json
 
-Measured 2026-11-23 (2-core VM, load average ~7 from other jobs, 30 rounds, 1 thread, SmolLM2 Q4_1
-with a generated patch of 60 targets / 360 neurons / 120 clusters): decode tok/s ratio to base:
-folded 1.006, base + LoRA 0.910; prefill: folded 1.026, base + LoRA 0.908.
+Measured 2026-11-23 on an idle 2-core VM (20 rounds, 1 thread, SmolLM2 Q4_1 with the default
+`nestpatch train` patch: 60 targets / 822 neurons / 163 clusters): decode tok/s ratio to base:
+folded 0.984, base + LoRA 0.936; prefill: folded 0.964, base + LoRA 0.944 (docs/RESULTS.md).
 """
 
 from __future__ import annotations
