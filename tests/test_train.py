@@ -350,7 +350,7 @@ def test_unlikelihood_gradient_pushes_a_likely_opening_down() -> None:
     logits.requires_grad_(True)
     labels = torch.tensor([[1, 2]])
     opt = torch.optim.SGD([logits], lr=0.5)
-    p0 = 1 - math.exp(-float(sequence_unlikelihood(logits, labels)))  # the loss is -log(1 - p)
+    p0 = 1 - math.exp(-float(sequence_unlikelihood(logits.detach(), labels)))  # the loss is -log(1 - p)
     for _ in range(20):
         opt.zero_grad()
         sequence_unlikelihood(logits, labels).backward()
