@@ -289,8 +289,8 @@ def test_fold_killed_by_sigint_leaves_nothing(pico_patch, pico_gguf, tmp_path):
     d.mkdir()
     script = textwrap.dedent("""
         import signal, sys, time
-        # a child inherits an ignored SIGINT from its parent (pytest's, in some runs): restore Python's default
-        print("inherited SIGINT handler:", signal.getsignal(signal.SIGINT), file=sys.stderr, flush=True)
+        # a child inherits its parent's SIGINT disposition; pin Python's default so the test does not depend
+        # on what the test runner set (the test hung inside full-suite runs, never alone; cause unconfirmed)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from nestpatch.format import read_patch
         from nestpatch.converters.gguf_fold import fold_gguf

@@ -104,7 +104,7 @@ class Batch:
     position_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, L): next-token targets of the last L positions, -100 where no loss
     keep: int  # L
-    response_pos: torch.Tensor | None = None  # (B, L): index j of the response token each label is, -1 where no loss
+    response_pos: torch.Tensor  # (B, L): index j of the response token each label is, -1 where no loss
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Batch:

@@ -112,7 +112,7 @@ class Trainer:
                    for i, b in enumerate(ben)]
         batch = collate(harm + ben + neg, self.pad_id, self.device)
         nh, nb = len(harm), len(ben)
-        w = head_weights(batch.response_pos, cfg.head_tokens, cfg.head_weight) if batch.response_pos is not None else None
+        w = head_weights(batch.response_pos, cfg.head_tokens, cfg.head_weight)
         ac = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         with ac:
             logits = self._forward_keep(batch)
