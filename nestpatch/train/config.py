@@ -86,10 +86,10 @@ class TrainConfig:
     benign_refusal_weight: float = _f(0.0, "Weight of an unlikelihood term that pushes down refusal openings after benign "
                                            "prompts (-log(1 - p(opening))); 0 disables.")
     benign_refusal_tokens: int = _f(4, "Tokens of the refusal opening the unlikelihood term scores.")
-    steps: int = _f(40, "Optimizer steps.")
+    steps: int = _f(60, "Optimizer steps.")
     batch_size: int = _f(8, "Harmful prompts per micro-batch (the same number of benign prompts is added).")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    lr: float = _f(3e-2, "AdamW learning rate for the shared deltas.")
+    lr: float = _f(2e-2, "AdamW learning rate for the shared deltas.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(5, "Linear warm-up steps.")
     schedule: str = _f("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULES)
