@@ -43,7 +43,8 @@ def _headline(summary: dict) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in the directory, skipping finished samples.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples of each suite.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True, help="torch generation batch.")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True,
+              help="torch: prompts per generation batch; llama: sequences decoded together (1 = one at a time).")
 @click.option("--judge", "judges", default="refusal-phrase", show_default=True, help="Comma-separated judge names.")
 @click.option("--judge-model", type=click.Path(dir_okay=False), default=None,
               help="A local safety classifier GGUF (e.g. Llama Guard): adds the model judge.")

@@ -1,4 +1,4 @@
-"""Generation backends for evaluation: torch (batched greedy) and llama.cpp (one prompt at a time).
+"""Generation backends for evaluation: torch (batched greedy) and llama.cpp (multi-sequence batches).
 
 A backend runs one or more *variants* of a model: ``base`` (unpatched), ``patched``, or any
 name another caller gives (a LoRA baseline, a fully fine-tuned copy). The runner asks for a
@@ -41,6 +41,11 @@ class Backend(ABC):
     name: str = ""
     variants: tuple[str, ...] = ()
     batch_size: int = 1
+
+    @property
+    def prompts_per_call(self) -> int:
+        """Prompts the runner hands to one :meth:`generate` call (results are saved per call)."""
+        return self.batch_size
 
     @property
     @abstractmethod
@@ -187,19 +192,29 @@ class LlamaBackend(Backend):
         variants: name -> keyword arguments of :class:`~nestpatch.runtime.llama_session.LlamaSession`
             (``model_path`` and optionally ``patch``/``patch_mode``/``lora_path``).
         n_threads: CPU threads per session (default all cores).
+        batch_size: sequences decoded together (:class:`~nestpatch.runtime.llama_batch.BatchDecoder`,
+            continuous batching); 1 = one prompt at a time (:meth:`LlamaSession.generate`).
     """
 
     name = "llama"
     batch_size = 1
 
-    def __init__(self, variants: dict[str, dict[str, Any]], *, n_threads: int | None = None, n_ctx: int = 2048) -> None:
+    def __init__(self, variants: dict[str, dict[str, Any]], *, n_threads: int | None = None, n_ctx: int = 2048,
+                 batch_size: int = 1) -> None:
         if not variants:
             raise InputError("no model variants to evaluate")
         self._specs = {k: dict(v) for k, v in variants.items()}
         self.variants = tuple(variants)
         self.n_threads = n_threads
         self.n_ctx = n_ctx
+        self.batch_size = max(1, int(batch_size))
         self._sessions: dict[tuple[str, bool], Any] = {}
+        self._decoders: dict[str, Any] = {}
+
+    @property
+    def prompts_per_call(self) -> int:
+        # Several prompts per slot, so finished slots are refilled instead of waiting for the batch's longest.
+        return self.batch_size * 4 if self.batch_size > 1 else 1
 
     @classmethod
     def for_patch(cls, model_path: Any, patch: Patch | None, variants: Sequence[str], *, patch_mode: str = "fold",
@@ -251,7 +266,13 @@ class LlamaBackend(Backend):
 
     def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int) -> list[Any]:
         s = self.session(variant)
-        return [s.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+        if self.batch_size == 1:
+            return [s.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+        if variant not in self._decoders:
+            from nestpatch.runtime.llama_batch import BatchDecoder
+
+            self._decoders[variant] = BatchDecoder(s, self.batch_size)
+        return self._decoders[variant].generate_texts([s.format_prompt(p) for p in prompts], max_new_tokens=max_new_tokens)
 
     def token_logprobs(self, variant: str, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         s = self.session(variant, logits_all=True)
@@ -260,7 +281,7 @@ class LlamaBackend(Backend):
         return [log_softmax(s.logits(list(q)[: s.n_ctx])) for q in seqs]
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"backend": "llama.cpp", "batch_size": 1, "variants": list(self.variants), "sessions": {}}
+        out: dict[str, Any] = {"backend": "llama.cpp", "batch_size": self.batch_size, "variants": list(self.variants), "sessions": {}}
         for v in self.variants:
             out["sessions"][v] = self.session(v).info()
         first = out["sessions"][self.variants[0]]
@@ -269,6 +290,9 @@ class LlamaBackend(Backend):
         return out
 
     def close(self) -> None:
+        for d in self._decoders.values():
+            d.close()
+        self._decoders.clear()
         for s in self._sessions.values():
             s.close()
         self._sessions.clear()

@@ -57,7 +57,7 @@ class EvalOptions:
 
     Attributes:
         max_new_tokens: reply length cap (greedy decoding).
-        batch_size: prompts per generation batch (torch; llama.cpp runs one at a time).
+        batch_size: prompts per generation batch (torch) or sequences in flight (llama.cpp; 1 = one at a time).
         limit: only the first N samples of each suite (quick looks).
         seed: recorded, and seeds torch (decoding is greedy, so results do not depend on it).
         judges: judge names from the registry, the first refusal judge is the primary one.
@@ -227,8 +227,8 @@ def _run_generation(backend: Backend, suite: Suite, variant: str, judges: Sequen
                initial=0, leave=True)
     try:
         with RecordWriter(path) as w:
-            for i in range(0, len(todo), backend.batch_size):
-                batch = todo[i:i + backend.batch_size]
+            for i in range(0, len(todo), backend.prompts_per_call):
+                batch = todo[i:i + backend.prompts_per_call]
                 gens = backend.generate(variant, [s.prompt for s in batch], max_new_tokens=options.max_new_tokens)
                 recs = []
                 for s, g in zip(batch, gens):
@@ -568,7 +568,7 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
 
             check_gguf_base(patch, path)
         be = LlamaBackend.for_patch(path, patch, variants, patch_mode=opts.patch_mode, precision=opts.precision,
-                                    n_threads=opts.n_threads, n_ctx=opts.n_ctx)
+                                    n_threads=opts.n_threads, n_ctx=opts.n_ctx, batch_size=opts.batch_size)
         model_desc = {"spec": str(model_spec), "path": str(path), "sha256": model_digest(path)}
     else:
         raise InputError(f"backend {backend!r} unknown; expected torch or llama")
