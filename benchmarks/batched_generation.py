@@ -11,7 +11,7 @@ no training data, no HarmBench test behaviour. The runs alternate (sequential, b
 ``--rounds`` > 1 so load from other processes hits both alike; the best round of each is reported.
 
     python benchmarks/batched_generation.py [--model smollm2] [--prompts 64] [--max-new-tokens 96] \\
-        [--n-seq 8] [--threads 2] [--patch P.nestpatch --patch-mode fold|lora] [--json out.json]
+        [--n-seq 8,16] [--threads 2] [--patch P.nestpatch --patch-mode fold|lora] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--n-seq", type=int, default=8, help="sequences in flight (batched)")
+    ap.add_argument("--n-seq", default="8", help="sequences in flight (batched); a comma list runs each against the same sequential run")
     ap.add_argument("--chunk", type=int, default=None,
                     help="prompts per decoder call, as the eval runner hands them (default: 4 x n-seq; 0 = all at once)")
     ap.add_argument("--threads", type=int, default=2)
@@ -55,62 +55,66 @@ def main() -> None:
 
     patch = read_patch(args.patch) if args.patch else None
     ps = prompts(args.prompts)
-    chunk = args.chunk if args.chunk is not None else 4 * args.n_seq
-    chunk = chunk or len(ps)
+    n_seqs = [int(x) for x in str(args.n_seq).split(",")]
     sess = LlamaSession(args.model, patch=patch, patch_mode=args.patch_mode, n_threads=args.threads, n_ctx=2048)
-    dec = BatchDecoder(sess, args.n_seq, kv_unified=args.kv_unified)
     texts = [sess.format_prompt(p) for p in ps]
+    judge = RefusalPhraseJudge()
+    n = len(ps)
     load_before = os.getloadavg()
 
     def sequential() -> list:
         return [sess.generate(p, max_new_tokens=args.max_new_tokens) for p in ps]
 
-    def batched() -> list:
+    def batched(dec: BatchDecoder, chunk: int) -> list:
         out = []
         for i in range(0, len(texts), chunk):
             out += dec.generate_texts(texts[i:i + chunk], max_new_tokens=args.max_new_tokens)
         return out
 
-    times: dict[str, list[float]] = {"sequential": [], "batched": []}
-    gens: dict[str, list] = {}
+    # Rounds alternate sequential and batched, so load from other processes hits both alike; best round kept.
+    times: dict[object, list[float]] = {}
+    gens: dict[object, list] = {}
+    decs = {k: BatchDecoder(sess, k, kv_unified=args.kv_unified) for k in n_seqs}
+    chunks = {k: (args.chunk if args.chunk is not None else 4 * k) or n for k in n_seqs}
     for _ in range(args.rounds):
-        for name, fn in (("sequential", sequential), ("batched", batched)):
+        for key in ["sequential", *n_seqs]:
             t0 = time.perf_counter()
-            gens[name] = fn()
-            times[name].append(time.perf_counter() - t0)
+            gens[key] = sequential() if key == "sequential" else batched(decs[key], chunks[key])
+            times.setdefault(key, []).append(time.perf_counter() - t0)
     load_after = os.getloadavg()
 
-    judge = RefusalPhraseJudge()
-    seq, bat = gens["sequential"], gens["batched"]
+    seq = gens["sequential"]
     ref_s = [judge.judge(p, g.text).refused for p, g in zip(ps, seq)]
-    ref_b = [judge.judge(p, g.text).refused for p, g in zip(ps, bat)]
-    n = len(ps)
-    best = {k: min(v) for k, v in times.items()}
-    row = {
-        "model": str(sess.base_path), "patch": str(args.patch) if args.patch else None,
-        "patch_mode": args.patch_mode if args.patch else None, "prompts": n, "max_new_tokens": args.max_new_tokens,
-        "threads": args.threads, "n_seq": args.n_seq, "chunk": chunk, "kv_unified": args.kv_unified, "rounds": args.rounds,
-        "new_tokens_sequential": sum(len(g.tokens) for g in seq), "new_tokens_batched": sum(len(g.tokens) for g in bat),
-        "seconds_sequential": round(best["sequential"], 2), "seconds_batched": round(best["batched"], 2),
-        "prompts_per_s_sequential": round(n / best["sequential"], 3), "prompts_per_s_batched": round(n / best["batched"], 3),
-        "speedup": round(best["sequential"] / best["batched"], 2),
-        "same_tokens": round(sum(a.tokens == b.tokens for a, b in zip(seq, bat)) / n, 4),
-        "verdict_agreement": round(sum(a == b for a, b in zip(ref_s, ref_b)) / n, 4),
-        "refused_sequential": round(sum(ref_s) / n, 4), "refused_batched": round(sum(ref_b) / n, 4),
-        "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(load_after[0], 2),
-    }
-    print(f"model {row['model']}  patch {row['patch']}  {n} prompts x <= {args.max_new_tokens} new tokens, "
-          f"{args.threads} threads, load {row['loadavg_1m_before']} -> {row['loadavg_1m_after']}")
-    print("| path | seconds | prompts/s | new tokens |")
-    print("|---|---|---|---|")
-    print(f"| sequential | {row['seconds_sequential']} | {row['prompts_per_s_sequential']} | {row['new_tokens_sequential']} |")
-    print(f"| batched (n_seq {args.n_seq}, {chunk} per call) | {row['seconds_batched']} | {row['prompts_per_s_batched']} "
-          f"| {row['new_tokens_batched']} |")
-    print(f"speedup {row['speedup']}x; identical tokens {row['same_tokens']:.1%}; refusal-verdict agreement "
-          f"{row['verdict_agreement']:.1%} (refused: sequential {row['refused_sequential']:.1%}, batched {row['refused_batched']:.1%})")
+    t_seq = min(times["sequential"])
+    print(f"model {sess.base_path}  patch {args.patch}  {n} prompts x <= {args.max_new_tokens} new tokens, "
+          f"{args.threads} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    print("| path | seconds | prompts/s | new tokens | speedup | same tokens | verdict agreement | refused |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| sequential | {t_seq:.1f} | {n / t_seq:.3f} | {sum(len(g.tokens) for g in seq)} | 1.00x | | | {sum(ref_s) / n:.1%} |")
+    rows = []
+    for k in n_seqs:
+        bat, t = gens[k], min(times[k])
+        ref_b = [judge.judge(p, g.text).refused for p, g in zip(ps, bat)]
+        row = {
+            "model": str(sess.base_path), "patch": str(args.patch) if args.patch else None,
+            "patch_mode": args.patch_mode if args.patch else None, "prompts": n, "max_new_tokens": args.max_new_tokens,
+            "threads": args.threads, "n_seq": k, "chunk": chunks[k], "kv_unified": args.kv_unified, "rounds": args.rounds,
+            "seconds_sequential": round(t_seq, 2), "seconds_batched": round(t, 2),
+            "prompts_per_s_sequential": round(n / t_seq, 3), "prompts_per_s_batched": round(n / t, 3),
+            "speedup": round(t_seq / t, 2),
+            "new_tokens_sequential": sum(len(g.tokens) for g in seq), "new_tokens_batched": sum(len(g.tokens) for g in bat),
+            "same_tokens": round(sum(a.tokens == b.tokens for a, b in zip(seq, bat)) / n, 4),
+            "verdict_agreement": round(sum(a == b for a, b in zip(ref_s, ref_b)) / n, 4),
+            "refused_sequential": round(sum(ref_s) / n, 4), "refused_batched": round(sum(ref_b) / n, 4),
+            "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(load_after[0], 2),
+        }
+        rows.append(row)
+        print(f"| batched n_seq {k} ({chunks[k]} per call) | {t:.1f} | {n / t:.3f} | {row['new_tokens_batched']} | "
+              f"{row['speedup']:.2f}x | {row['same_tokens']:.1%} | {row['verdict_agreement']:.1%} | {row['refused_batched']:.1%} |")
     if args.json:
-        args.json.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
-    dec.close()
+        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    for d in decs.values():
+        d.close()
     sess.close()
 
 
