@@ -209,9 +209,13 @@ def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats
         share = sum(judge(p, a) for p, a in zip(sample, texts)) / max(1, len(sample))
         info["base_refusal_share"] = round(share, 4)
         if mode == "own" or share >= STYLE_MIN_SHARE:
-            if mode == "auto":  # the sample said yes: answer every harmful prompt
-                ids = generate_answers(lm.model, tok, harmful, max_new_tokens=48, batch_size=cfg.batch_size_detect,
-                                       max_length=cfg.max_length, progress=bars.counter("own refusals", len(harmful)))
+            if mode == "auto":  # the sample said yes: answer the other harmful prompts (greedy: the sample's answers stand)
+                done = dict(zip(sample, ids))
+                rest = [p for p in harmful if p not in done]
+                more = generate_answers(lm.model, tok, rest, max_new_tokens=48, batch_size=cfg.batch_size_detect,
+                                        max_length=cfg.max_length, progress=bars.counter("own refusals", len(rest)))
+                done.update(zip(rest, more))
+                ids = [done[p] for p in harmful]
                 texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
             targets, n_ref = own_refusals(harmful, texts, judge, seed)
             if not targets:

@@ -34,19 +34,25 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {r.model: r for r in (
     Recipe(
         model="qwen2.5-coder-0.5b",
-        settings={"max_length": 128, "bf16": False},
-        why="Qwen2.5-Coder-0.5B-Instruct on a 2-core CPU: <= 30 min and <= 8 GB (docs/RESULTS.md).",
+        settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128},
+        why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) within ~30 min on a 2-core CPU; "
+            "sized from CPU seconds per stage measured on this machine (docs/RESULTS.md), not yet from a full timed run.",
         notes={
-            "max_length": "Qwen's template adds a 20-token system prompt; 128 tokens keep every built-in prompt whole",
+            "max_prompts": "the model's own refusals and benign answers are generated for every training prompt: half the prompts, "
+                           "half the generation time (~2 epochs of 128 at 40 steps x 6)",
+            "detect_prompts": "96 + 96 prompts for the z-scores (detection is ~1.6 CPU-s per prompt)",
+            "steps": "40 steps x (6 harmful + 6 benign): half the default's sequences; a step is ~1 min of CPU on this model",
+            "batch_size": "see steps",
+            "max_length": "Qwen's template adds a 20-token system prompt; the built-in prompts are at most 65 tokens, so 128 "
+                          "only bounds user-supplied prompts",
         },
     ),
     Recipe(
         model="qwen2.5-coder-1.5b",
-        settings={"max_length": 128, "bf16": False},
-        why="Qwen2.5-Coder-1.5B-Instruct on a 2-core CPU (docs/RESULTS.md).",
-        notes={
-            "max_length": "as for the 0.5B",
-        },
+        settings={"max_prompts": 96, "detect_prompts": 64, "steps": 30, "batch_size": 4, "max_length": 128},
+        why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token; sized "
+            "for the issue's 90-minute target by the same per-stage arithmetic (not measured end to end).",
+        notes={"max_length": "as for the 0.5B"},
     ),
 )}
 
