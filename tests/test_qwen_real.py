@@ -14,6 +14,7 @@ quantization step, so ``--precision auto`` must upcast them.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,28 @@ def test_llama_cpp_runs_the_fold_and_the_lora_export_alike(qwen05: Path, qpatch:
         d = dist(got, f16)
         assert d < 0.1 and d < 0.4 * effect, (name, d, effect)
         assert (got.argmax(-1) == f16.argmax(-1)).mean() >= 0.8, name
+
+
+# ------------------------------------------------------------------------------------------------ real training (opt-in)
+SLOW = os.environ.get("NESTPATCH_SLOW_REAL") == "1"
+
+
+@pytest.mark.slow_real
+@pytest.mark.skipif(not SLOW, reason="trains the real 0.5B (tens of minutes on a CPU): set NESTPATCH_SLOW_REAL=1; "
+                                     "timed runs: scripts/qwen_real.sh")
+def test_training_the_05b_uses_its_recipe_and_its_own_refusals(qwen05: Path, tmp_path: Path) -> None:
+    from nestpatch.train.config import TrainConfig
+    from nestpatch.train.pipeline import train_policy
+    from nestpatch.train.recipes import RECIPES
+
+    cfg = TrainConfig(model=MODEL, out=str(tmp_path / "q.nestpatch"), seed=0, threads=2)
+    res = train_policy(cfg, explicit={"model", "out", "seed", "threads"})
+    assert res.config.recipe == MODEL
+    assert {k: getattr(res.config, k) for k in RECIPES[MODEL].settings} == RECIPES[MODEL].settings
+    training = res.patch.provenance["training"]
+    assert training["recipe"]["name"] == MODEL
+    assert training["targets"]["refusal_targets"] == "own"  # Qwen refuses on its own: auto keeps its style
+    assert training["targets"]["base_refusal_share"] >= 0.25
+    assert res.summary.final["refusal"] < res.summary.first["refusal"]
+    report = fold_gguf(qwen05, res.patch, tmp_path / "q.folded.gguf", precision="auto", progress=False)
+    assert report.min_retention >= 0.9
