@@ -150,12 +150,13 @@ def test_llama_cpp_runs_the_fold_and_the_lora_export_alike(qwen05: Path, qpatch:
     """The LoRA adapter (an exact rank-K update) reproduces the fold's logits up to llama.cpp's own kernel noise.
 
     Stated tolerance: mean |logit difference| over the 15 positions x 151,936 vocabulary below
-    0.1, and below 0.4 x the patch's own effect on the logits. Why not float precision: a
-    quantized model's logits in llama.cpp move by ~0.06 (mean) when only the kernels of a few
+    0.1 (0.15 for the fold in the file's own types) and below 0.4 x the patch's own effect on
+    the logits; top-1 agreement >= 0.8. Why not float precision: a quantized model's logits in llama.cpp move by ~0.06 (mean) when only the kernels of a few
     tensors change: measured 0.061 for a zero-delta fold stored as F16 and 0.057 for a zero-delta
     fold re-encoded as Q6_K/Q4_K (K-quant re-encoding is not idempotent), against exactly 0 for a
-    zero-delta LoRA. Measured here (scale 3): fold effect 0.206, LoRA vs F16 fold 0.065, Q5_0/K
-    fold vs F16 fold 0.070, top-1 agreement 14 of 15 positions.
+    zero-delta LoRA. Measured here (scale 4): fold effect 0.297, LoRA vs F16 fold 0.060, fold in
+    the file's types (Q5_0/Q6_K/Q4_K, which also re-encode the delta) vs F16 fold 0.082 (bound
+    0.15), top-1 agreement 15 of 15 positions.
     """
     pytest.importorskip("llama_cpp")
     patch, _ = qpatch
@@ -172,9 +173,9 @@ def test_llama_cpp_runs_the_fold_and_the_lora_export_alike(qwen05: Path, qpatch:
     print(f"mean |dlogit|: fold-base {effect:.4f}, lora-base {dist(lora, base):.4f}, lora-fold(f16) {dist(lora, f16):.4f}, "
           f"keep-fold(f16) {dist(keep, f16):.4f}; top-1 agreement {(lora.argmax(-1) == f16.argmax(-1)).mean():.3f}")
     assert effect > 0.2, effect  # the patch visibly moves the logits
-    for name, got in (("lora", lora), ("keep fold", keep)):
+    for name, got, tol in (("lora", lora, 0.1), ("keep fold", keep, 0.15)):  # keep adds the re-encoding of the delta
         d = dist(got, f16)
-        assert d < 0.1 and d < 0.4 * effect, (name, d, effect)
+        assert d < tol and d < 0.4 * effect, (name, d, effect)
         assert (got.argmax(-1) == f16.argmax(-1)).mean() >= 0.8, name
 
 
