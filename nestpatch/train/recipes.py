@@ -35,8 +35,9 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
     Recipe(
         model="qwen2.5-coder-0.5b",
         settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128},
-        why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) within ~30 min on a 2-core CPU; "
-            "sized from CPU seconds per stage measured on this machine (docs/RESULTS.md), not yet from a full timed run.",
+        why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: half the "
+            "default's prompts and sequences; sized from CPU seconds per stage measured on this machine (docs/RESULTS.md), "
+            "not yet from a full timed run (estimated 35-40 min).",
         notes={
             "max_prompts": "the model's own refusals and benign answers are generated for every training prompt: half the prompts, "
                            "half the generation time (~2 epochs of 128 at 40 steps x 6)",
