@@ -104,10 +104,13 @@ def train_cmd(config_file: str | None, quiet: bool, as_json: bool, **kwargs: Any
       nestpatch train --config train.toml --steps 200 --resume
     """
     from ..train.pipeline import train_policy
+    from ..train.recipes import config_file_keys
 
     cfg = TrainConfig.from_toml(config_file) if config_file else TrainConfig()
-    cfg = cfg.merged(_overrides(kwargs))
-    result = train_policy(cfg, progress=not quiet)
+    given = _overrides(kwargs)
+    cfg = cfg.merged(given)
+    explicit = set(given) | (config_file_keys(config_file) if config_file else set())  # the model's recipe fills the rest
+    result = train_policy(cfg, progress=not quiet, explicit=explicit)
     if as_json:
         click.echo(json.dumps({
             "out": str(result.paths.patch), "seed": result.config.seed, "detection": result.detection,

@@ -4,7 +4,7 @@
 - :mod:`.adapter`: the deltas as forward hooks (base weights untouched); :mod:`.quant` for QAT.
 - :mod:`.examples`, :mod:`.losses`, :mod:`.refusals`: training sequences and their losses.
 - :mod:`.trainer`: the loop; :mod:`.checkpoint`: resumable safetensors checkpoints.
-- :mod:`.pipeline`: ``train_policy(config)``, prompts to ``.nestpatch``.
+- :mod:`.pipeline`: ``train_policy(config)``, prompts to ``.nestpatch``; :mod:`.recipes`: per-model defaults.
 
 Imports here are lazy so ``import nestpatch.train`` does not pull torch in.
 """
@@ -18,8 +18,8 @@ from .config import TrainConfig
 __all__ = ["TrainConfig", "train_policy"]
 
 
-def train_policy(config: TrainConfig, *, progress: bool = False) -> Any:
+def train_policy(config: TrainConfig, *, progress: bool = False, explicit: set[str] | None = None) -> Any:
     """See :func:`nestpatch.train.pipeline.train_policy`."""
     from .pipeline import train_policy as _run
 
-    return _run(config, progress=progress)
+    return _run(config, progress=progress, explicit=explicit)

@@ -109,6 +109,9 @@ class TrainConfig:
     checkpoint_every: int = _f(20, "Save a checkpoint every this many steps (0 = only at the end).", group="runtime")
     resume: bool = _f(False, "Resume from the checkpoint next to --out after an interruption.", group="runtime")
     keep_checkpoint: bool = _f(False, "Keep the checkpoint directory after a successful run.", group="runtime")
+    recipe: str = _f("auto", "Per-model recipe (nestpatch/train/recipes.py): auto = the one the named --model selects, if any; "
+                             "none = plain defaults; or a recipe name. Flags and --config keys override its values.",
+                     group="runtime")
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

@@ -37,6 +37,7 @@ from .adapter import SharedDeltas, TargetSpec
 from .checkpoint import CheckpointDir
 from .config import TrainConfig
 from .examples import Example, generate_answers, prompt_ids, response_ids
+from .recipes import apply_recipe
 from .refusals import own_refusals, refusal_judge, template_refusals
 from .trainer import Trainer, TrainSummary
 
@@ -208,9 +209,13 @@ def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats
         share = sum(judge(p, a) for p, a in zip(sample, texts)) / max(1, len(sample))
         info["base_refusal_share"] = round(share, 4)
         if mode == "own" or share >= STYLE_MIN_SHARE:
-            if mode == "auto":  # the sample said yes: answer every harmful prompt
-                ids = generate_answers(lm.model, tok, harmful, max_new_tokens=48, batch_size=cfg.batch_size_detect,
-                                       max_length=cfg.max_length, progress=bars.counter("own refusals", len(harmful)))
+            if mode == "auto":  # the sample said yes: answer the other harmful prompts (greedy: the sample's answers stand)
+                done = dict(zip(sample, ids))
+                rest = [p for p in harmful if p not in done]
+                more = generate_answers(lm.model, tok, rest, max_new_tokens=48, batch_size=cfg.batch_size_detect,
+                                        max_length=cfg.max_length, progress=bars.counter("own refusals", len(rest)))
+                done.update(zip(rest, more))
+                ids = [done[p] for p in harmful]
                 texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
             targets, n_ref = own_refusals(harmful, texts, judge, seed)
             if not targets:
@@ -243,8 +248,11 @@ def _resume_seed(cfg: TrainConfig, ckpt: CheckpointDir) -> TrainConfig:
     return cfg
 
 
-def train_policy(config: TrainConfig, *, progress: bool = False) -> TrainResult:
+def train_policy(config: TrainConfig, *, progress: bool = False, explicit: set[str] | None = None) -> TrainResult:
     """Train a NeST policy and write it to ``config.out`` (plus config and log next to it).
+
+    ``explicit``: the fields a flag or config key set (the CLI passes them); the model's recipe
+    (:mod:`.recipes`) fills the others. Default: the fields that differ from the defaults.
 
     Raises:
         InputError, UnsupportedError: bad inputs (one line each; nothing is written).
@@ -254,6 +262,7 @@ def train_policy(config: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     paths = OutputPaths.for_output(config.out or "policy.nestpatch")
     ckpt = CheckpointDir(paths.ckpt)
+    config, recipe = apply_recipe(config, explicit)
     cfg = _resume_seed(config, ckpt).resolved()
     _check_output(paths)
     if cfg.threads:
@@ -319,7 +328,7 @@ def train_policy(config: TrainConfig, *, progress: bool = False) -> TrainResult:
     summary = trainer.run(start)
     timings["train_s"] = round(time.time() - t, 2)
 
-    patch = build_patch(lm, cfg, deltas, h_sets, b_sets, ex_info, det_stats, cstats, summary, timings)
+    patch = build_patch(lm, cfg, deltas, h_sets, b_sets, ex_info, det_stats, cstats, summary, timings, recipe)
     deltas.detach()
     write_patch(patch, paths.patch)
     write_bytes_atomic(paths.config, cfg.to_toml().encode("utf-8"))
@@ -340,7 +349,8 @@ def _model_revision(source: Path) -> str:
 
 
 def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets: list[PromptSet], b_sets: list[PromptSet],
-                ex_info: dict, det_stats: dict, cstats: dict, summary: TrainSummary, timings: dict) -> Patch:
+                ex_info: dict, det_stats: dict, cstats: dict, summary: TrainSummary, timings: dict,
+                recipe: dict | None = None) -> Patch:
     """The ``.nestpatch`` content: targets, base description with sketches, policy, provenance."""
     base = dict(lm.description)
     base["revision"] = base.get("revision") or _model_revision(Path(lm.source))
@@ -364,7 +374,7 @@ def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets:
         "training": {
             "steps": summary.steps, "resumed_at": summary.start_step, "first": summary.first, "final": summary.final,
             "targets": ex_info, "chat_template_sha256": hashlib.sha256(tmpl.encode()).hexdigest() if tmpl else None,
-            "qat": cfg.qat, "timings_s": timings, "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "qat": cfg.qat, "recipe": recipe or {"name": cfg.recipe}, "timings_s": timings, "peak_rss_mb": round(_peak_rss_mb(), 1),
             "device": str(next(iter(deltas.parameters())).device),
         },
     }

@@ -1,0 +1,124 @@
+"""Per-model training recipes: defaults that a named model selects, below every flag and config key.
+
+Why: the project defaults were measured on SmolLM2-135M (docs/RESULTS.md); a 0.5B or 1.5B model
+needs other settings to train in reasonable time on a CPU (see docs/RESULTS.md, "Qwen2.5-Coder-
+0.5B-Instruct"). A recipe is keyed by the asset name (``nestpatch fetch`` names) and also selected
+by the cached asset's file name, so ``--model qwen2.5-coder-0.5b`` and the path of that GGUF give
+the same run. Precedence: flags > ``--config`` keys > recipe > dataclass defaults. Which recipe
+was used and which of its values were applied is recorded in the patch's provenance
+(``training.recipe``) and the resolved config keeps the recipe's name (``recipe = ...``), so
+re-running from the saved ``.train.toml`` gives the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Settings for one model and the reason for each (shown in provenance and the docs)."""
+
+    model: str
+    settings: dict[str, Any]
+    why: str
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {r.model: r for r in (
+    Recipe(
+        model="qwen2.5-coder-0.5b",
+        settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128},
+        why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: half the "
+            "default's prompts and sequences; sized from CPU seconds per stage measured on this machine (docs/RESULTS.md), "
+            "not yet from a full timed run (estimated 35-40 min).",
+        notes={
+            "max_prompts": "the model's own refusals and benign answers are generated for every training prompt: half the prompts, "
+                           "half the generation time (~2 epochs of 128 at 40 steps x 6)",
+            "detect_prompts": "96 + 96 prompts for the z-scores (detection is ~1.6 CPU-s per prompt)",
+            "steps": "40 steps x (6 harmful + 6 benign): half the default's sequences; a step is ~1 min of CPU on this model",
+            "batch_size": "see steps",
+            "max_length": "Qwen's template adds a 20-token system prompt; the built-in prompts are at most 65 tokens, so 128 "
+                          "only bounds user-supplied prompts",
+        },
+    ),
+    Recipe(
+        model="qwen2.5-coder-1.5b",
+        settings={"max_prompts": 96, "detect_prompts": 64, "steps": 30, "batch_size": 4, "max_length": 128},
+        why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token; sized "
+            "for the issue's 90-minute target by the same per-stage arithmetic (not measured end to end).",
+        notes={"max_length": "as for the 0.5B"},
+    ),
+)}
+
+#: ``--recipe`` values besides recipe names.
+AUTO, NONE = "auto", "none"
+
+
+def recipe_for(model: str) -> str | None:
+    """The recipe a ``--model`` value selects: an asset name, or that asset's cached file name."""
+    if model in RECIPES:
+        return model
+    name = Path(str(model)).name
+    from ..assets import ASSETS
+
+    for key in RECIPES:
+        asset = ASSETS.get(key)
+        if asset is not None and asset.filename == name:
+            return key
+    return None
+
+
+def config_file_keys(path: str | Path) -> set[str]:
+    """Field names a ``--config`` TOML file sets (top level or ``[train]``; dashes allowed)."""
+    import tomllib
+
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))  # TrainConfig.from_toml already checked it
+    if isinstance(data.get("train"), dict):
+        data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
+    return {k.replace("-", "_") for k in data}
+
+
+def explicit_fields(cfg: TrainConfig) -> set[str]:
+    """Fields that differ from the dataclass defaults: what a library caller set (the CLI knows better)."""
+    default = TrainConfig()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def apply_recipe(cfg: TrainConfig, explicit: set[str] | None = None) -> tuple[TrainConfig, dict]:
+    """``cfg`` with its recipe's values filled in where ``explicit`` did not set them.
+
+    Args:
+        cfg: the merged config (defaults + config file + flags).
+        explicit: fields given by a flag or a config key (default: :func:`explicit_fields`).
+
+    Returns:
+        The new config (``recipe`` set to the recipe used, or ``none``) and a provenance record
+        ``{"name", "applied", "overridden"}``.
+
+    Raises:
+        InputError: ``--recipe`` names no known recipe.
+    """
+    explicit = explicit_fields(cfg) if explicit is None else set(explicit)
+    choice = cfg.recipe
+    if choice == NONE:
+        return cfg, {"name": NONE, "applied": {}, "overridden": []}
+    if choice == AUTO:
+        name = recipe_for(cfg.model)
+        if name is None:
+            return dataclasses.replace(cfg, recipe=NONE), {"name": NONE, "applied": {}, "overridden": []}
+    elif choice in RECIPES:
+        name = choice
+    else:
+        raise InputError(f"--recipe {choice!r} invalid; expected auto, none or one of {', '.join(sorted(RECIPES))}")
+    rec = RECIPES[name]
+    applied = {k: v for k, v in rec.settings.items() if k not in explicit}
+    overridden = sorted(k for k in rec.settings if k in explicit)
+    out = dataclasses.replace(cfg, **applied, recipe=name)
+    return out, {"name": name, "applied": applied, "overridden": overridden}
