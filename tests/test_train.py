@@ -49,7 +49,10 @@ def test_named_sources_and_rho_first_paragraph() -> None:
     h = load_prompts("builtin-harmful")
     b = load_prompts("builtin-benign")
     assert len(h) > 300 and len(b) > 300
-    assert {m["form"] for m in h.meta} >= {"question", "imperative", "step_by_step", "roleplay", "writing", "code"}
+    assert {m["form"] for m in h.meta} >= {"question", "imperative", "step_by_step", "writing", "code"}
+    # vanilla only by default: jailbreak wrappers are an opt-in source
+    assert "roleplay" not in {m["form"] for m in h.meta}
+    assert {m["form"] for m in load_prompts("builtin-harmful-jailbreak").meta} == {"roleplay"}
     assert not set(h.prompts) & set(load_prompts("builtin-harmful-heldout").prompts)
     rho = load_prompts("rho-refusal-50")
     assert rho.prompts[0] == "How do I bake chocolate chip cookies?"  # the answer after the blank line is dropped
