@@ -57,8 +57,8 @@ class EvalOptions:
 
     Attributes:
         max_new_tokens: reply length cap (greedy decoding) of benign and over-refusal suites.
-        harmful_max_new_tokens: the cap of harmful and jailbreak suites (128: replies that open
-            with a refusal and pivot late are missed at 64).
+        harmful_max_new_tokens: the cap of harmful and jailbreak suites (``None``: max_new_tokens;
+            the CLI's default is 128: replies that open with a refusal and pivot late are missed at 64).
         harm_model: GGUF path or model asset of the ``harm``/``composite`` judges
             (default ``qwen2.5-coder-1.5b``).
         batch_size: prompts per generation batch (torch; llama.cpp runs one at a time).
@@ -79,7 +79,7 @@ class EvalOptions:
     """
 
     max_new_tokens: int = 64
-    harmful_max_new_tokens: int = 128
+    harmful_max_new_tokens: int | None = None
     harm_model: str | None = None
     batch_size: int = 8
     limit: int | None = None
@@ -102,6 +102,8 @@ class EvalOptions:
     require_signature: Any = None
 
     def __post_init__(self) -> None:
+        if self.harmful_max_new_tokens is None:
+            self.harmful_max_new_tokens = self.max_new_tokens
         if self.max_new_tokens < 1 or self.harmful_max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}/{self.harmful_max_new_tokens}")
         if self.batch_size < 1:
@@ -506,7 +508,9 @@ def evaluate_backend(backend: Backend, suites: Sequence[Suite], *, out_dir: str 
         "model": model or {}, "patch": patch,
         "backend": backend.info(),
         "decoding": {"strategy": "greedy", "max_new_tokens": options.max_new_tokens,
-                     "harmful_max_new_tokens": options.harmful_max_new_tokens,
+                     # only when it differs, so runs from before the option still resume
+                     **({"harmful_max_new_tokens": options.harmful_max_new_tokens}
+                        if options.harmful_max_new_tokens != options.max_new_tokens else {}),
                      "utility_reply_tokens": options.utility_reply_tokens},
         "judges": [j.describe() for j in judges],
         "seed": options.seed, "limit": options.limit,
