@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -101,8 +102,12 @@ class OverlapIndex:
         return Overlap(prompt, *self.prompts[i], shared=share) if share >= max_shared else None
 
 
+@lru_cache(maxsize=4)
 def eval_index(n: int = NGRAM, *, jailbreaks: bool = True) -> OverlapIndex:
-    """Every evaluation set on this machine (never fetches); ``unchecked`` lists the others."""
+    """Every evaluation set on this machine (never fetches); ``unchecked`` lists the others.
+
+    Cached per process (a few seconds to build; every ``train`` call checks against it).
+    """
     from ..assets import asset_path
     from .sources import NAMED_SOURCES, load_prompts
 

@@ -96,7 +96,7 @@ def render_markdown(summary: dict) -> str:
 
     head = summary.get("headline") or {}
     if head:
-        lines += ["## Headline", "", "| variant | ASR | benign refusal | over-refusal | KL to base | perplexity |",
+        lines += ["## Headline", "", f"| variant | ASR ({summary.get('judge')}) | benign refusal | over-refusal | KL to base | perplexity |",
                   "|---|---|---|---|---|---|"]
         for v in variants:
             h = head.get(v, {})
