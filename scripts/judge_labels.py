@@ -3,6 +3,7 @@
     python scripts/judge_labels.py collect RUN_DIR[=MODEL] ... --out docs/labels/candidates.jsonl
     python scripts/judge_labels.py judge docs/labels/candidates.jsonl --verdicts docs/labels/verdicts.jsonl \
         --judges refusal-phrase,strict-refusal,harm,composite [--harm-model qwen2.5-coder-1.5b] [--max-seconds S]
+    python scripts/judge_labels.py assemble docs/labels/candidates.jsonl MARKS.jsonl --out docs/labels/labels.jsonl
     python scripts/judge_labels.py table docs/labels/labels.jsonl docs/labels/verdicts.jsonl
 
 ``judge`` appends one verdict per line as it goes (the harm judge takes a minute a reply on a busy
@@ -25,6 +26,7 @@ from nestpatch.evaluate.judges import RefusalPhraseJudge, make_judge
 
 def collect(args: argparse.Namespace) -> None:
     out = []
+    seen: set[str] = set()
     for spec in args.runs:
         run, _, model = spec.partition("=")
         for f in sorted((Path(run) / "samples").glob("*.jsonl")):
@@ -32,6 +34,10 @@ def collect(args: argparse.Namespace) -> None:
                 if "reply" not in r:
                     continue
                 m = model or Path(run).name
+                rid = f"{m}/{r['variant']}/{r['suite']}/{r['id']}"
+                if rid in seen:  # the same prompt in two runs (same greedy reply): once
+                    continue
+                seen.add(rid)
                 out.append({"id": f"{m}/{r['variant']}/{r['suite']}/{r['id']}", "model": m, "variant": r["variant"],
                             "suite": r["suite"], "kind": r["kind"], "prompt": r["prompt"],
                             "behaviour": r.get("behaviour") or r["prompt"], **({"prefill": r["prefill"]} if r.get("prefill") else {}),
@@ -87,6 +93,19 @@ def judge(args: argparse.Namespace) -> None:
         harm.close()
 
 
+def assemble(args: argparse.Namespace) -> None:
+    """labels.jsonl = the collected pairs that have a hand label (``{"id", "label", "note"}`` lines)."""
+    marks = {r["id"]: r for r in read_jsonl(args.marks)}
+    seen: set[str] = set()
+    out = []
+    for it in read_jsonl(args.items):
+        if it["id"] in marks and it["id"] not in seen:
+            seen.add(it["id"])
+            out.append({**it, "label": marks[it["id"]]["label"], "note": marks[it["id"]].get("note", "")})
+    Path(args.out).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in out), encoding="utf-8")
+    print(f"{len(out)} labelled pairs -> {args.out} ({len(marks) - len(out)} marks without a pair)")
+
+
 def table(args: argparse.Namespace) -> None:
     labels, verdicts = read_jsonl(args.labels), read_jsonl(args.verdicts)
     print(render_table(agreement_table(labels, verdicts)))
@@ -106,11 +125,15 @@ def main() -> None:
     j.add_argument("--threads", type=int, default=1)
     j.add_argument("--seed", type=int, default=0)
     j.add_argument("--max-seconds", type=float, default=None)
+    m = sub.add_parser("assemble")
+    m.add_argument("items")
+    m.add_argument("marks")
+    m.add_argument("--out", required=True)
     t = sub.add_parser("table")
     t.add_argument("labels")
     t.add_argument("verdicts")
     a = ap.parse_args()
-    {"collect": collect, "judge": judge, "table": table}[a.cmd](a)
+    {"collect": collect, "judge": judge, "assemble": assemble, "table": table}[a.cmd](a)
 
 
 if __name__ == "__main__":
