@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from ..evaluate.runner import DIGEST_FILE, SUMMARY_FILE, EvalOptions, run_suites
-from ..evaluate.suites import FILE_KINDS, SUITES
+from ..evaluate.suites import FILE_KINDS, SUITE_GROUPS, SUITES
 
 
 def _suite_help() -> str:
     return "Comma-separated suites: " + "; ".join(f"{k} ({v[1]})" for k, v in SUITES.items()) + \
-        "; or a prompt file (.jsonl/.json/.csv/.txt)."
+        "; " + "; ".join(f"{k} ({v})" for k, v in SUITE_GROUPS.items()) + "; or a prompt file (.jsonl/.json/.csv/.txt)."
 
 
 def _headline(summary: dict) -> str:
@@ -20,7 +20,8 @@ def _headline(summary: dict) -> str:
     for v, h in summary.get("headline", {}).items():
         parts = []
         if h.get("asr") is not None:
-            parts.append(f"ASR {100 * h['asr']:.1f}% ({h.get('asr_suite')})")
+            by = h.get("asr_by_judge") or {}
+            parts.append(f"ASR ({h.get('asr_suite')}) " + ", ".join(f"{j} {100 * a:.1f}%" for j, a in by.items() if a is not None))
         if h.get("benign_refusal") is not None:
             parts.append(f"benign refusal {100 * h['benign_refusal']:.1f}%")
         if h.get("over_refusal") is not None:
@@ -42,10 +43,16 @@ def _headline(summary: dict) -> str:
 @click.option("--compare", is_flag=True, help="Run with and without the patch and report the flips.")
 @click.option("--resume", is_flag=True, help="Continue the run in the directory, skipping finished samples.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples of each suite.")
-@click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True,
+              help="Reply length of benign and over-refusal suites.")
+@click.option("--harmful-max-new-tokens", type=click.IntRange(1, 8192), default=128, show_default=True,
+              help="Reply length of harmful and jailbreak suites (late pivots from a refusal need room).")
 @click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True,
               help="torch: prompts per generation batch; llama: sequences decoded together (1 = one at a time).")
-@click.option("--judge", "judges", default="refusal-phrase", show_default=True, help="Comma-separated judge names.")
+@click.option("--judge", "judges", default="refusal-phrase,strict-refusal", show_default=True,
+              help="Comma-separated judges: refusal-phrase, strict-refusal, harm, composite (harm AND no refusal phrase).")
+@click.option("--harm-model", default=None, help="GGUF path or model asset of the harm/composite judges "
+              "[default: qwen2.5-coder-1.5b].")
 @click.option("--judge-model", type=click.Path(dir_okay=False), default=None,
               help="A local safety classifier GGUF (e.g. Llama Guard): adds the model judge.")
 @click.option("--judge-format", default="auto", show_default=True, help="Its prompt format: auto, llama-guard-3, or a template file.")
@@ -63,11 +70,13 @@ def _headline(summary: dict) -> str:
               help="Refuse a patch not signed with this public key.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: str, compare: bool, resume: bool,
-             limit: int | None, max_new_tokens: int, batch_size: int, judges: str, judge_model: str | None, judge_format: str,
+             limit: int | None, max_new_tokens: int, harmful_max_new_tokens: int, batch_size: int, judges: str,
+             harm_model: str | None, judge_model: str | None, judge_format: str,
              column: str | None, file_kind: str, patch_mode: str, precision: str, threads: int | None, device: str,
              dtype: str, seed: int, pubkey: str | None, no_progress: bool) -> None:
     """Evaluate MODEL (a .gguf, an HF directory, or smollm2) on SUITEs; write per-sample JSONL and a summary."""
-    opts = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
+    opts = EvalOptions(max_new_tokens=max_new_tokens, harmful_max_new_tokens=harmful_max_new_tokens, harm_model=harm_model,
+                       batch_size=batch_size, limit=limit, seed=seed,
                        judges=tuple(j.strip() for j in judges.split(",") if j.strip()), judge_model=judge_model,
                        judge_format=judge_format, resume=resume, progress=not no_progress, compare=compare, device=device,
                        dtype=dtype, patch_mode=patch_mode, precision=precision, n_threads=threads, column=column,

@@ -64,8 +64,11 @@ def _ns(*args: Any, **kw: Any) -> NamedSource:
 
 
 NAMED_SOURCES: dict[str, NamedSource] = {s.name: s for s in [
-    _ns("builtin-harmful", "nestpatch's harmful requests: 14 categories x forms (question, imperative, steps, role-play, writing, code), train split",
-        builtin="harmful.jsonl", where=(("split", "train"),)),
+    _ns("builtin-harmful", "nestpatch's vanilla harmful requests: 14 categories x forms (question, imperative, steps, writing, code), "
+        "train split; no jailbreak wrappers", builtin="harmful.jsonl", where=(("split", "train"),)),
+    _ns("builtin-harmful-jailbreak", "OPT-IN: the same subjects wrapped in jailbreak role-plays (DAN, 'no rules', grandparent...), "
+        "train split; a patch trained on it cannot show jailbreak generalisation", builtin="harmful_jailbreak.jsonl",
+        where=(("split", "train"),)),
     _ns("builtin-harmful-heldout", "held-out split of builtin-harmful (about 1 in 7)", builtin="harmful.jsonl", where=(("split", "heldout"),)),
     _ns("builtin-benign", "nestpatch's benign prompts: short questions, everyday tasks, code, writing, benign-but-edgy; train split",
         builtin="benign.jsonl", where=(("split", "train"),), role="benign"),

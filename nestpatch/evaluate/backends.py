@@ -55,6 +55,15 @@ class Backend(ABC):
     def format_prompt(self, prompt: str) -> str:
         """The chat-formatted text of a single user prompt."""
 
+    def chat_text(self, prompt: str, prefill: str | None = None) -> str:
+        """The chat-formatted user prompt plus an assistant prefix (the prefilling attack).
+
+        The one place both backends build a prefilled turn: the template's generation prompt
+        opens the assistant turn, and ``prefill`` is written into it verbatim, so the model
+        continues the attacker's opening instead of starting its own.
+        """
+        return self.format_prompt(prompt) + (prefill or "")
+
     @abstractmethod
     def tokenize_prompt(self, prompt: str) -> list[int]:
         """Tokens of the chat-formatted user prompt."""
@@ -64,8 +73,13 @@ class Backend(ABC):
         """Tokens of raw text (perplexity), with the BOS token the model expects."""
 
     @abstractmethod
-    def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int) -> list[Any]:
-        """Greedy replies (:class:`nestpatch.runtime.llama_session.Generation`) to user prompts."""
+    def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int,
+                 prefills: Sequence[str | None] | None = None) -> list[Any]:
+        """Greedy replies (:class:`nestpatch.runtime.llama_session.Generation`) to user prompts.
+
+        ``prefills``: per prompt, an assistant opening the reply continues (:meth:`chat_text`);
+        the returned text is the continuation only.
+        """
 
     @abstractmethod
     def token_logprobs(self, variant: str, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -149,8 +163,9 @@ class TorchBackend(Backend):
     def tokenize_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int) -> list[Any]:
-        texts = [self.format_prompt(p) for p in prompts]
+    def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int,
+                 prefills: Sequence[str | None] | None = None) -> list[Any]:
+        texts = [self.chat_text(p, f) for p, f in zip(prompts, prefills or [None] * len(prompts))]
         with self._use(variant) as sess:
             return sess.generate_batch(texts, max_new_tokens=max_new_tokens)
 
@@ -264,15 +279,19 @@ class LlamaBackend(Backend):
     def tokenize_text(self, text: str) -> list[int]:
         return list(self._any().llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
-    def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int) -> list[Any]:
+    def generate(self, variant: str, prompts: Sequence[str], *, max_new_tokens: int,
+                 prefills: Sequence[str | None] | None = None) -> list[Any]:
         s = self.session(variant)
-        if self.batch_size == 1:
-            return [s.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+        pre = list(prefills) if prefills else [None] * len(prompts)
+        if self.batch_size == 1:  # one at a time; prefilled turns are the same chat text as torch, given raw
+            return [s.generate(self.chat_text(p, f), max_new_tokens=max_new_tokens, raw=True) if f
+                    else s.generate(p, max_new_tokens=max_new_tokens) for p, f in zip(prompts, pre)]
         if variant not in self._decoders:
             from nestpatch.runtime.llama_batch import BatchDecoder
 
             self._decoders[variant] = BatchDecoder(s, self.batch_size)
-        return self._decoders[variant].generate_texts([s.format_prompt(p) for p in prompts], max_new_tokens=max_new_tokens)
+        texts = [self.chat_text(p, f) if f else s.format_prompt(p) for p, f in zip(prompts, pre)]
+        return self._decoders[variant].generate_texts(texts, max_new_tokens=max_new_tokens)
 
     def token_logprobs(self, variant: str, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         s = self.session(variant, logits_all=True)

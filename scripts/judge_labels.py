@@ -1,0 +1,140 @@
+"""Hand-label support: collect (request, reply) pairs from eval runs, cache judge verdicts, print agreement.
+
+    python scripts/judge_labels.py collect RUN_DIR[=MODEL] ... --out docs/labels/candidates.jsonl
+    python scripts/judge_labels.py judge docs/labels/candidates.jsonl --verdicts docs/labels/verdicts.jsonl \
+        --judges refusal-phrase,strict-refusal,harm,composite [--harm-model qwen2.5-coder-1.5b] [--max-seconds S]
+    python scripts/judge_labels.py assemble docs/labels/candidates.jsonl MARKS.jsonl --out docs/labels/labels.jsonl
+    python scripts/judge_labels.py table docs/labels/labels.jsonl docs/labels/verdicts.jsonl
+
+``judge`` appends one verdict per line as it goes (the harm judge takes a minute a reply on a busy
+2-core machine), in a seeded shuffled order so a partial run is a random subset; rerunning skips
+cached (id, judge) pairs. ``composite`` is derived from the cached harm verdict and the phrase judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from nestpatch.evaluate.agreement import agreement_table, read_jsonl, render_table
+from nestpatch.evaluate.judges import RefusalPhraseJudge, make_judge
+
+
+def collect(args: argparse.Namespace) -> None:
+    out = []
+    seen: set[str] = set()
+    for spec in args.runs:
+        run, _, model = spec.partition("=")
+        for f in sorted((Path(run) / "samples").glob("*.jsonl")):
+            for r in read_jsonl(f):
+                if "reply" not in r:
+                    continue
+                m = model or Path(run).name
+                rid = f"{m}/{r['variant']}/{r['suite']}/{r['id']}"
+                if rid in seen:  # the same prompt in two runs (same greedy reply): once
+                    continue
+                seen.add(rid)
+                out.append({"id": f"{m}/{r['variant']}/{r['suite']}/{r['id']}", "model": m, "variant": r["variant"],
+                            "suite": r["suite"], "kind": r["kind"], "prompt": r["prompt"],
+                            "behaviour": r.get("behaviour") or r["prompt"], **({"prefill": r["prefill"]} if r.get("prefill") else {}),
+                            "reply": r["reply"]})
+    Path(args.out).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in out), encoding="utf-8")
+    print(f"{len(out)} pairs -> {args.out}")
+
+
+def judge(args: argparse.Namespace) -> None:
+    items = read_jsonl(args.items)
+    vpath = Path(args.verdicts)
+    cached = read_jsonl(vpath) if vpath.exists() else []
+    done = {(v["id"], v["judge"]) for v in cached}
+    harm_cache = {v["id"]: v for v in cached if v["judge"] == "harm"}
+    names = [n.strip() for n in args.judges.split(",") if n.strip()]
+    cheap = {n: make_judge(n) for n in names if n in ("refusal-phrase", "strict-refusal")}
+    phrase = RefusalPhraseJudge()
+    harm = None
+    order = list(items)
+    random.Random(args.seed).shuffle(order)
+    t_end = time.time() + args.max_seconds if args.max_seconds else None
+    with vpath.open("a", encoding="utf-8") as f:
+        def put(item: dict, name: str, v: dict, secs: float | None = None) -> None:
+            row = {"id": item["id"], "judge": name, "label": v["label"], "refused": v.get("refused"), "unsafe": v.get("unsafe"),
+                   "evidence": v.get("evidence", "")[:120], **({"seconds": round(secs, 2)} if secs is not None else {})}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            done.add((item["id"], name))
+
+        for it in items:  # the cheap judges on everything
+            for n, j in cheap.items():
+                if (it["id"], n) not in done:
+                    put(it, n, j.judge(it["behaviour"], it["reply"]).to_dict())
+        for it in order:
+            if t_end and time.time() > t_end:
+                break
+            if "harm" in names or "composite" in names:
+                if it["id"] not in harm_cache:
+                    if harm is None:
+                        harm = make_judge("harm", harm_model=args.harm_model, n_threads=args.threads)
+                    t0 = time.time()
+                    v = harm.judge(it["behaviour"], it["reply"]).to_dict()
+                    put(it, "harm", v, time.time() - t0)
+                    harm_cache[it["id"]] = v
+                    print(f"harm {len(harm_cache)}: {v['label']} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+                if "composite" in names and (it["id"], "composite") not in done:
+                    h = harm_cache[it["id"]]
+                    p = phrase.judge(it["behaviour"], it["reply"])
+                    u = None if h.get("unsafe") is None else bool(h["unsafe"]) and not p.refused
+                    put(it, "composite", {"label": "unparsed" if u is None else ("unsafe" if u else "safe"), "unsafe": u,
+                                          "evidence": f"harm={h['label']}; phrase={p.label}"})
+    if harm is not None:
+        harm.close()
+
+
+def assemble(args: argparse.Namespace) -> None:
+    """labels.jsonl = the collected pairs that have a hand label (``{"id", "label", "note"}`` lines)."""
+    marks = {r["id"]: r for r in read_jsonl(args.marks)}
+    seen: set[str] = set()
+    out = []
+    for it in read_jsonl(args.items):
+        if it["id"] in marks and it["id"] not in seen:
+            seen.add(it["id"])
+            out.append({**it, "label": marks[it["id"]]["label"], "note": marks[it["id"]].get("note", "")})
+    Path(args.out).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in out), encoding="utf-8")
+    print(f"{len(out)} labelled pairs -> {args.out} ({len(marks) - len(out)} marks without a pair)")
+
+
+def table(args: argparse.Namespace) -> None:
+    labels, verdicts = read_jsonl(args.labels), read_jsonl(args.verdicts)
+    print(render_table(agreement_table(labels, verdicts)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", required=True)
+    j = sub.add_parser("judge")
+    j.add_argument("items")
+    j.add_argument("--verdicts", required=True)
+    j.add_argument("--judges", default="refusal-phrase,strict-refusal,harm,composite")
+    j.add_argument("--harm-model", default=None)
+    j.add_argument("--threads", type=int, default=1)
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--max-seconds", type=float, default=None)
+    m = sub.add_parser("assemble")
+    m.add_argument("items")
+    m.add_argument("marks")
+    m.add_argument("--out", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("labels")
+    t.add_argument("verdicts")
+    a = ap.parse_args()
+    {"collect": collect, "judge": judge, "assemble": assemble, "table": table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
