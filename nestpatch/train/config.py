@@ -58,8 +58,10 @@ class TrainConfig:
     # --- detection and clustering ---
     modules: list[str] = _f(["gate_proj", "up_proj"], "MLP projections to probe and patch (gate_proj, up_proj, down_proj).", group="detect")
     layers: list[int] = _f([], "Layers to probe (default: all).", group="detect")
-    detector: str = _f("mean_diff", "Neuron scorer: standardized mean difference harmful - benign, or logistic probe weights "
-                                    "(NeuroStrike; slow on CPU, see docs/RESULTS.md).", choices=("mean_diff", "probe"), group="detect")
+    detector: str = _f("mean_diff", "Neuron scorer: standardized mean difference harmful - benign (mean_diff), the raw mean "
+                                    "difference of the authors' GateBreaker code (gatebreaker; they keep z > 2), or logistic probe "
+                                    "weights (probe: NeuroStrike; slow on CPU, see docs/RESULTS.md).",
+                       choices=("mean_diff", "probe", "gatebreaker"), group="detect")
     threshold: float = _f(2.5, "Keep neurons whose score has z-score above this (within its module).", group="detect")
     min_weight: float = _f(0.0, "...and whose score is above this.", group="detect")
     max_neurons_per_module: int = _f(0, "Keep at most this many neurons per module (highest scores); 0 = no cap.", group="detect")

@@ -170,9 +170,12 @@ class _Bars:
 
 
 # ---------------------------------------------------------------------------------------------
-def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars | None = None
-                   ) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
-    """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats."""
+def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars | None = None,
+                   cache: dict | None = None) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
+    """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats.
+
+    ``cache`` (a dict kept across calls on the same model) lets detection reuse pooled activations.
+    """
     bars = bars or _Bars(False)
     seed = int(cfg.seed or 0)
     dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
@@ -180,7 +183,7 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
                  threshold=cfg.threshold, min_weight=cfg.min_weight, max_neurons_per_module=cfg.max_neurons_per_module,
                  pool=cfg.pool, batch_size=cfg.batch_size_detect, max_length=cfg.max_length, probe_epochs=cfg.probe_epochs,
                  probe_lr=cfg.probe_lr, probe_weight_decay=cfg.probe_weight_decay, probe_standardize=cfg.probe_standardize,
-                 seed=seed, progress=bars.counter)
+                 seed=seed, progress=bars.counter, cache=cache)
     bars.close()
     kept = [m for m in det.modules if len(m.indices)]
     clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max, seed=seed)
