@@ -211,3 +211,16 @@ def test_recovery_examples_put_a_compliant_opening_before_the_refusal_with_no_lo
     assert len(h0) == 20 and "recovery_examples" not in info0
     with pytest.raises(InputError, match="recovery-fraction"):
         TrainConfig(model="m", out="o.nestpatch", recovery_fraction=1.5).validate()
+
+
+def test_a_killed_run_leaves_a_running_trial_that_resume_marks_failed(tmp_path: Path) -> None:
+    from optuna.trial import TrialState
+
+    from nestpatch.tune.study import TuneOptions, _finished, open_study
+
+    study, _ = open_study(tmp_path, TuneOptions(seed=0))
+    t = study.ask()
+    t.suggest_float("lr", 0.01, 0.1)  # the process dies here: the trial stays RUNNING in the journal
+    again, _ = open_study(tmp_path, TuneOptions(seed=0))
+    (only,) = again.get_trials(deepcopy=False)
+    assert only.state == TrialState.FAIL and len(_finished(again)) == 1
