@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,30 @@ _DETECT = ("modules", "layers", "detector", "threshold", "min_weight", "max_neur
            "probe_lr", "probe_weight_decay", "probe_standardize", "clusters", "k_min", "k_max", "detect_prompts")
 #: Fields read only when building the training sequences.
 _EXAMPLES = ("refusal_targets", "retain_loss", "retain_answer_tokens", "recovery_fraction", "recovery_tokens")
+
+
+class LRUCache(OrderedDict):
+    """A dict that keeps its ``maxsize`` most recently used entries.
+
+    Why: pooled activations of a 1.5B model on 256 prompts take most of a gigabyte per
+    module/layer choice; a search that tries many choices must not keep them all.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
 
 
 def stage_key(cfg: TrainConfig, ignore: tuple[str, ...]) -> str:
@@ -74,16 +99,17 @@ class TrainSession:
     Args:
         model: what ``--model`` takes (every config trained here must name the same model).
         cache_dir: where selections and training sequences are kept between processes (optional).
+        activation_entries: pooled-activation sets kept in memory (each is one prompt/module/layer choice).
     """
 
     def __init__(self, model: str, *, device: str = "auto", device_map: str | None = None,
-                 cache_dir: str | Path | None = None, lm: LoadedModel | None = None) -> None:
+                 cache_dir: str | Path | None = None, lm: LoadedModel | None = None, activation_entries: int = 2) -> None:
         t = time.time()
         self.model_name = model
         self.lm = lm or load_model(model, device=device, device_map=device_map)
         self.load_s = round(time.time() - t, 2)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.activations: dict = {}
+        self.activations: dict = LRUCache(activation_entries)
         self._selections: dict[str, tuple[list[TargetSpec], dict, dict]] = {}
         self._examples: dict[str, tuple[list[Example], list[Example], dict]] = {}
         tok = self.lm.tokenizer
