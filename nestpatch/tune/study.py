@@ -297,7 +297,9 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     before = len(_finished(study))
     todo = max(0, opts.trials - before)
     if todo:
-        study.optimize(objective, n_trials=todo, timeout=opts.timeout, catch=(NestpatchError,), gc_after_trial=True)
+        # the front, plot and chosen config are rewritten after every trial: an interrupted study still has them
+        study.optimize(objective, n_trials=todo, timeout=opts.timeout, catch=(NestpatchError,), gc_after_trial=True,
+                       callbacks=[lambda st, _t: write_outputs(out, st, space, base, base_cfg)])
     finished = len(_finished(study))
     front, chosen = write_outputs(out, study, space, base, base_cfg)
     return TuneResult(out, finished, finished - before, front, chosen, base)
