@@ -143,7 +143,9 @@ def pareto_table(front: list[dict], chosen: dict | None, base: dict, params: lis
         cells = [mark, _fmt(m["asr"], True), _fmt(m["benign_refusal"], True), _fmt(float(m["kl"]))]
         cells += [_fmt(m.get(s), True) for s in sets]
         cells += [str(r.get("neurons", "-")), str(r.get("trainable_parameters", "-")), f"{r.get('timings', {}).get('train_s', 0):.0f}"]
-        cells += [_fmt(r["params"].get(p)) if not isinstance(r["params"].get(p), float) else f"{r['params'][p]:.4g}" for p in params]
+        shown = {p: r.get("config", {}).get(p) if not isinstance(r.get("config", {}).get(p, []), list) else r["params"].get(p)
+                 for p in params}  # the value trained with (k_min is clamped to k_max), list fields as sampled
+        cells += [f"{v:.4g}" if isinstance(v, float) else _fmt(v) for v in shown.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
