@@ -4,7 +4,11 @@ The NeuroStrike recipe that NeST reuses: hook every MLP ``gate_proj`` / ``up_pro
 neuron is one intermediate channel: row i of those weights, column i of ``down_proj``), max-pool
 each neuron's activation over the prompt tokens, fit one logistic probe per module (harmful = 1),
 and keep the neurons whose probe weight has z-score > 3 and is positive. A mean-difference scorer
-(standardized mean activation gap, harmful minus benign) is the cheap alternative.
+(standardized mean activation gap, harmful minus benign) is the cheap alternative, and
+``gatebreaker`` is the authors' latest one (their GateBreaker code, Dec 2025): the *raw* mean
+difference of the max-pooled activations, mean(harmful) - mean(benign), kept where its z-score
+within the module is above the threshold (they use 2) and the difference is positive. Raw means
+favour neurons with large activations; the standardized gap favours well-separated ones.
 
 Choices that are ours (and parameters): probes of all modules are fitted together as one batched
 problem (one Adam step updates every module's independent probe), and an early stop ends the fit
@@ -34,7 +38,7 @@ from .models.naming import MODULE_AXIS, MLPRef
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("probe", "mean_diff")
+DETECTORS = ("probe", "mean_diff", "gatebreaker")
 POOLS = ("max", "mean", "last")
 
 
@@ -275,6 +279,11 @@ def mean_diff_scores(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ((h.mean(0) - bn.mean(0)) / sd).astype(np.float32)
 
 
+def raw_mean_diff_scores(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """GateBreaker's score: raw mean pooled activation on harmful minus benign prompts, no scaling; ``(F,)``."""
+    return (x[labels == 1].mean(0) - x[labels == 0].mean(0)).astype(np.float32)
+
+
 def select(scores: np.ndarray, threshold: float = 3.0, min_score: float = 0.0, max_neurons: int = 0) -> np.ndarray:
     """Indices with ``zscore(score) > threshold`` and ``score > min_score`` (sorted); optionally the top ``max_neurons``."""
     s = np.asarray(scores, dtype=np.float64)
@@ -352,11 +361,15 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
            pool: str = "max", batch_size: int = 16, max_length: int = 256, probe_epochs: int = 5000,
            probe_lr: float = 1e-3, probe_weight_decay: float = 1e-3, probe_holdout: float = 0.2,
            probe_standardize: bool = False, seed: int = 0,
-           progress: Callable[[str, int, int], Any] | None = None) -> Detection:
+           progress: Callable[[str, int, int], Any] | None = None,
+           cache: dict | None = None) -> Detection:
     """Pool activations on harmful and benign prompts, score every neuron, keep the outliers.
 
     Args:
         progress: optional factory ``(description, total, unit_scale) -> callable(n)`` for progress bars.
+        cache: optional dict reused across calls on the same model (``nestpatch tune``): pooled
+            activations are kept under a key of everything they depend on (prompts, modules,
+            layers, pooling, length), so a trial that only changes the scorer or threshold skips the forward passes.
 
     Raises:
         InputError: empty prompt sets, an unknown detector, or no neuron selected anywhere.
@@ -368,9 +381,14 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
     refs = mlp_refs(model, modules, layers)
     prompts = list(harmful) + list(benign)
     labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
-    bar = progress("activations", len(prompts), 1) if progress else None
-    acts = pooled_activations(model, tokenizer, prompts, refs, batch_size=batch_size, max_length=max_length, pool=pool,
-                              progress=bar)
+    key = (tuple(prompts), tuple(r.hf_name for r in refs), pool, max_length)
+    acts = cache.get(key) if cache is not None else None
+    if acts is None:
+        bar = progress("activations", len(prompts), 1) if progress else None
+        acts = pooled_activations(model, tokenizer, prompts, refs, batch_size=batch_size, max_length=max_length, pool=pool,
+                                  progress=bar)
+        if cache is not None:
+            cache[key] = acts
     epochs = 0
     if detector == "probe":
         pbar = progress("probes", probe_epochs, 1) if progress else None
@@ -378,6 +396,8 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
                          holdout=probe_holdout, seed=seed, standardize=probe_standardize, progress=pbar)
         scores = fit.weights
         epochs = fit.epochs
+    elif detector == "gatebreaker":
+        scores = {n: raw_mean_diff_scores(x, labels) for n, x in acts.items()}
     else:
         scores = {n: mean_diff_scores(_standardize(x), labels) for n, x in acts.items()}
     sel = []

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from nestpatch.detect import (
-    Detection, detect, encode_prompts, fit_probes, format_prompt, mean_diff_scores, mlp_refs, pooled_activations, select,
+    Detection, detect, encode_prompts, fit_probes, format_prompt, mean_diff_scores, mlp_refs, pooled_activations,
+    raw_mean_diff_scores, select,
 )
 from nestpatch.errors import InputError
 from nestpatch.models.naming import MLPRef
@@ -141,6 +142,36 @@ def test_mean_difference_selects_the_planted_features() -> None:
     assert s[120] < -1.5
 
 
+def test_gatebreaker_ranks_by_the_raw_gap_not_the_standardized_one() -> None:
+    """Neuron 0: raw gap 6 but noisy (sd 4); neuron 1: raw gap 0.3, nearly noiseless. 98 null neurons."""
+    rng = np.random.default_rng(0)
+    n, f = 200, 100
+    y = np.array([1] * (n // 2) + [0] * (n // 2))
+    x = rng.normal(0, 0.1, (n, f)).astype(np.float32)
+    x[:, 0] = rng.normal(0, 4.0, n) + 6.0 * y
+    x[:, 1] = rng.normal(0, 0.01, n) + 0.3 * y
+    raw = raw_mean_diff_scores(x, y)
+    np.testing.assert_allclose(raw, x[y == 1].mean(0) - x[y == 0].mean(0), rtol=1e-5)
+    assert select(raw, 2.0).tolist() == [0]  # the authors' rule: z > 2 on the raw difference, w > 0
+    std = mean_diff_scores(x, y)
+    assert 1 in select(std, 2.0).tolist() and std[1] > 10 * std[0]
+
+
+def test_detect_cache_reuses_activations_across_scorers(planted: Any, tok: Any) -> None:
+    cache: dict = {}
+    a = detect(planted, tok, HARMFUL, BENIGN, detector="gatebreaker", threshold=3.0, cache=cache)
+    assert len(cache) == 1
+    key = next(iter(cache))
+    cache[key] = {k: v.copy() for k, v in cache[key].items()}
+    for v in cache[key].values():
+        v[: len(HARMFUL), 5] += 100.0  # a cache hit must be used as is: plant neuron 5 in every module
+    b = detect(planted, tok, HARMFUL, BENIGN, detector="gatebreaker", threshold=3.0, cache=cache)
+    assert len(cache) == 1
+    assert all(5 in m.indices.tolist() for m in b.modules)
+    gate0 = lambda d: next(m for m in d.modules if m.name == "model.layers.0.mlp.gate_proj.weight")  # noqa: E731
+    assert set(PLANTED) <= set(gate0(a).indices.tolist())
+
+
 def test_select_cap_and_constant_scores() -> None:
     s = np.zeros(100, np.float32)
     s[[4, 9, 60]] = [10.0, 12.0, 11.0]
@@ -149,7 +180,7 @@ def test_select_cap_and_constant_scores() -> None:
     assert select(np.ones(10), 3.0).tolist() == []
 
 
-@pytest.mark.parametrize("detector", ["probe", "mean_diff"])
+@pytest.mark.parametrize("detector", ["probe", "mean_diff", "gatebreaker"])
 def test_detect_finds_the_planted_neurons(planted: Any, tok: Any, detector: str) -> None:
     det = detect(planted, tok, HARMFUL, BENIGN, modules=("gate_proj", "up_proj"), detector=detector,
                  threshold=3.0, probe_epochs=2000, probe_lr=1e-2, seed=0)

@@ -24,6 +24,7 @@ QAT_TYPES = ("none", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 REFUSAL_TARGETS = ("auto", "template", "own")
 RETAIN_LOSSES = ("kl", "ce", "none")
 SCHEDULES = ("cosine", "constant")
+BALANCE_BY = ("none", "source", "form")
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "training", **kw: Any) -> Any:
@@ -58,8 +59,10 @@ class TrainConfig:
     # --- detection and clustering ---
     modules: list[str] = _f(["gate_proj", "up_proj"], "MLP projections to probe and patch (gate_proj, up_proj, down_proj).", group="detect")
     layers: list[int] = _f([], "Layers to probe (default: all).", group="detect")
-    detector: str = _f("mean_diff", "Neuron scorer: standardized mean difference harmful - benign, or logistic probe weights "
-                                    "(NeuroStrike; slow on CPU, see docs/RESULTS.md).", choices=("mean_diff", "probe"), group="detect")
+    detector: str = _f("mean_diff", "Neuron scorer: standardized mean difference harmful - benign (mean_diff), the raw mean "
+                                    "difference of the authors' GateBreaker code (gatebreaker; they keep z > 2), or logistic probe "
+                                    "weights (probe: NeuroStrike; slow on CPU, see docs/RESULTS.md).",
+                       choices=("mean_diff", "probe", "gatebreaker"), group="detect")
     threshold: float = _f(2.5, "Keep neurons whose score has z-score above this (within its module).", group="detect")
     min_weight: float = _f(0.0, "...and whose score is above this.", group="detect")
     max_neurons_per_module: int = _f(0, "Keep at most this many neurons per module (highest scores); 0 = no cap.", group="detect")
@@ -113,6 +116,16 @@ class TrainConfig:
                              "none = plain defaults; or a recipe name. Flags and --config keys override its values.",
                      group="runtime")
 
+    # --- method options (issue 16; appended so other fields keep their order) ---
+    balance_by: str = _f("none", "How --max-prompts is shared out: in proportion to each source's size (none), equally per "
+                                 "source (source), or equally per prompt form (form: question, imperative, steps, role-play, "
+                                 "writing, code; rows without a form count as question or imperative), so a large source of "
+                                 "one form does not crowd out the others.", choices=BALANCE_BY, group="data")
+    recovery_fraction: float = _f(0.0, "Share of harmful prompts that also get a recovery example: the prompt, the first few "
+                                       "tokens of a compliant answer (no loss), then the refusal (loss): refusal that is not only "
+                                       "in the first tokens, against prefilling attacks (Qi et al., 2024). 0 disables.")
+    recovery_tokens: int = _f(8, "Most tokens of the compliant opening in a recovery example (each draws 2..this many).")
+
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; raise :class:`InputError` naming the option."""
@@ -143,6 +156,10 @@ class TrainConfig:
                      "benign_refusal_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.recovery_fraction <= 1.0:
+            raise InputError(f"--recovery-fraction must be in [0, 1], got {self.recovery_fraction}")
+        if self.recovery_tokens < 2:
+            raise InputError(f"--recovery-tokens must be at least 2, got {self.recovery_tokens}")
         if self.clusters is not None and self.clusters < 1:
             raise InputError(f"--clusters must be at least 1, got {self.clusters}")
         if self.k_min < 2 or self.k_max < self.k_min:

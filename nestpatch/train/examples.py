@@ -1,5 +1,10 @@
 """Training sequences: chat-formatted prompt tokens plus a response whose tokens carry the loss.
 
+Recovery examples (``--recovery-fraction``) put the first tokens of a compliant answer between
+prompt and refusal: the model reads "Sure, here is how to" and learns to refuse from there, so
+refusal does not live only in the first response tokens that a prefilling attack skips (Qi et
+al., 2024, "Safety alignment should be made more than just a few tokens deep").
+
 Harmful prompts get a refusal as response; benign prompts get the base model's own greedy
 answer (the retain term keeps the patched model close to it). Batches are left-padded so every
 response ends at the last position: the LM head then runs only on the last ``L`` positions
@@ -9,7 +14,7 @@ response ends at the last position: the LM head then runs only on the last ``L``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,13 +33,17 @@ class Example:
     prompt: str
     prompt_ids: list[int]
     response_ids: list[int]
+    prefix_ids: list[int] = field(default_factory=list)  # recovery examples: a compliant opening, read but not trained on
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "prompt": self.prompt, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+        d = {"kind": self.kind, "prompt": self.prompt, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+        if self.prefix_ids:
+            d["prefix_ids"] = self.prefix_ids
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Example":
-        return cls(d["kind"], d["prompt"], list(d["prompt_ids"]), list(d["response_ids"]))
+        return cls(d["kind"], d["prompt"], list(d["prompt_ids"]), list(d["response_ids"]), list(d.get("prefix_ids", [])))
 
 
 def prompt_ids(tokenizer: Any, prompt: str, max_length: int) -> list[int]:
@@ -95,6 +104,40 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_
     return out
 
 
+#: Compliant openings a prefilling attack would force (recovery examples cut 2..N tokens of one).
+COMPLIANT_OPENINGS = (
+    "Sure, here is a detailed guide. Step 1:",
+    "Sure! Here's how you can do it. First, you",
+    "Certainly. Here is what you need to know:",
+    "Of course. The first thing to do is to",
+    "Absolutely, here is a step-by-step plan:",
+    "Here is the article you asked for:\n\n",
+    "Okay, here's the code:\n\n```",
+    "Great question! To get started, you will need",
+)
+
+
+def recovery_examples(tokenizer: Any, harmful: Sequence[Example], fraction: float, max_tokens: int, seed: int) -> list[Example]:
+    """Copies of a seeded ``fraction`` of ``harmful`` with a compliant opening (2..``max_tokens`` tokens) before the refusal.
+
+    The opening is context only (no loss); the refusal after it keeps its labels, and the opening
+    weighting (``--head-tokens``) then applies to the refusal's own first tokens.
+    """
+    if fraction <= 0 or not harmful:
+        return []
+    rng = np.random.default_rng(seed)
+    n = max(1, int(round(fraction * len(harmful))))
+    pick = np.sort(rng.choice(len(harmful), size=min(n, len(harmful)), replace=False))
+    openings = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in COMPLIANT_OPENINGS]
+    out = []
+    for i in pick:
+        e = harmful[int(i)]
+        ids = openings[int(rng.integers(len(openings)))]
+        k = int(rng.integers(2, max(2, min(max_tokens, len(ids))) + 1))
+        out.append(Example("recovery", e.prompt, list(e.prompt_ids), list(e.response_ids), list(ids[:k])))
+    return out
+
+
 @dataclass
 class Batch:
     """A left-padded batch and the labels of its last ``L`` positions."""
@@ -108,8 +151,8 @@ class Batch:
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: Any = "cpu") -> Batch:
-    """Left-pad ``prompt + response`` sequences; label the positions that predict response tokens."""
-    seqs = [e.prompt_ids + e.response_ids for e in examples]
+    """Left-pad ``prompt + prefix + response`` sequences; label the positions that predict response tokens."""
+    seqs = [e.prompt_ids + e.prefix_ids + e.response_ids for e in examples]
     ids, mask = left_pad(seqs, pad_id)  # (B, T)
     t = ids.shape[1]
     r_max = max(len(e.response_ids) for e in examples)

