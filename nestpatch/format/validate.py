@@ -6,6 +6,21 @@ import numpy as np
 
 from ..errors import FormatError
 from .constants import AXES, DELTA_DTYPES, MAX_DIM
+
+#: A sketch has S projections plus the norm; S is capped so no file can size a large allocation.
+MAX_SKETCH_COLUMNS = 65
+
+
+def canonical_target_name(name: str) -> str:
+    """The weight a target name addresses: ``layers.0.mlp.up_proj.weight`` and
+    ``model.layers.0.mlp.up_proj.weight`` are one weight, so uniqueness is checked on this."""
+    from ..errors import UnsupportedError
+    from ..models.naming import parse_hf_name
+
+    try:
+        return parse_hf_name(name).hf_name
+    except UnsupportedError:
+        return name
 from .patch import Patch, Target
 
 
@@ -48,8 +63,8 @@ def validate_target(t: Target, where: str = "") -> None:
             raise FormatError(f"{w}: scales contain NaN or infinite values")
     if t.base_sketch is not None:
         sk = np.asarray(t.base_sketch)
-        if sk.ndim != 2 or sk.shape[0] != n:
-            raise FormatError(f"{w}: base_sketch shape {sk.shape} does not match {n} neurons")
+        if sk.ndim != 2 or sk.shape[0] != n or not 2 <= sk.shape[1] <= MAX_SKETCH_COLUMNS:
+            raise FormatError(f"{w}: base_sketch shape {sk.shape} invalid, expected ({n}, S+1) with 1 <= S <= {MAX_SKETCH_COLUMNS - 1}")
         if not np.isfinite(sk).all():
             raise FormatError(f"{w}: base_sketch contains NaN or infinite values")
 
@@ -58,9 +73,11 @@ def validate_patch(p: Patch, where: str = "") -> None:
     """Validate every target and the cross-target invariants (unique names, non-empty)."""
     if not p.targets:
         raise FormatError(f"{where}patch has no targets")
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for t in p.targets:
-        if t.name in seen:
-            raise FormatError(f"{where}target {t.name!r} appears twice")
-        seen.add(t.name)
+        canon = canonical_target_name(t.name)
+        if canon in seen:
+            what = "appears twice" if seen[canon] == t.name else f"and {seen[canon]!r} address the same weight {canon}"
+            raise FormatError(f"{where}target {t.name!r} {what}")
+        seen[canon] = t.name
         validate_target(t, where)
