@@ -270,9 +270,6 @@ def _base_verdict(a: Patch, b: Patch) -> dict:
         tb = tb_by_name.get(ta.name)
         if tb is not None and (ta.base_sketch is None) != (tb.base_sketch is None):
             fp_changes.append({"target": ta.name, "change": "removed" if tb.base_sketch is None else "added"})
-        elif (tb is not None and ta.base_sketch is not None and tb.base_sketch is not None
-              and (ta.base_sketch.shape != tb.base_sketch.shape or not np.array_equal(ta.base_sketch, tb.base_sketch))):
-            fp_changes.append({"target": ta.name, "change": "changed"})
         if tb is None or ta.base_sketch is None or tb.base_sketch is None or ta.shape != tb.shape:
             continue
         sa, sb = np.asarray(ta.base_sketch, np.float32), np.asarray(tb.base_sketch, np.float32)
@@ -398,9 +395,6 @@ def render_diff(r: dict) -> str:
     if gone:
         lines.append(f"WARNING: B drops the base fingerprint of {len(gone)} target(s) ({', '.join(gone[:4])}"
                      f"{', ...' if len(gone) > 4 else ''}): B can no longer be checked against its base model")
-    other = [f"{c['target']} {c['change']}" for c in fpc if c["change"] != "removed"]
-    if other:
-        lines.append(f"fingerprints: {'; '.join(other[:6])}{'; ...' if len(other) > 6 else ''}")
     for side in ("a", "b"):
         s = r[side]
         pol = s["policy"] or {}
@@ -412,6 +406,9 @@ def render_diff(r: dict) -> str:
         return "\n".join(lines)
     if base["verdict"] == "same":
         lines.append(f"base: {base['reason']}")
+    other = [f"{c['target']} {c['change']}" for c in fpc if c["change"] != "removed"]
+    if other:
+        lines.append(f"fingerprints: {'; '.join(other[:6])}{'; ...' if len(other) > 6 else ''}")
     sm = r["summary"]
     lines.append(f"tensors: {'identical' if sm['tensors_identical'] else 'differ'}; "
                  f"neurons +{sm['neurons_added']} -{sm['neurons_removed']} ={sm['neurons_kept']}; "

@@ -47,6 +47,13 @@ def _no_constant(name: str) -> Any:
     raise _JSONReject(f"non-finite number {name}")
 
 
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise _JSONReject(f"number {text[:20]} is out of range (not a finite double)")
+    return x
+
+
 def strict_loads(text: str | bytes, where: str) -> Any:
     """``json.loads`` that refuses duplicate keys and NaN/Infinity anywhere (FormatError naming ``where``).
 
@@ -56,7 +63,7 @@ def strict_loads(text: str | bytes, where: str) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float)
     except _JSONReject as e:
         raise FormatError(f"{where}: {e}") from None
     except UnicodeDecodeError:
