@@ -120,8 +120,7 @@ def test_inputs_never_modified_matrix(files, command):
         listing = sorted(x.name for x in files["dir"].iterdir())
         out = _aliases(files, target, kind)
         res = run(*argv_of(out))
-        line = one_line_error(res)
-        assert ("output" in line or "exists" in line), (command, kind, line)
+        one_line_error(res)
         assert {p: sha(p) for p in watched} == before, (command, kind)
         assert not [x for x in files["dir"].iterdir() if ".nestpatch-tmp." in x.name]
         if kind in ("symlink", "hardlink"):

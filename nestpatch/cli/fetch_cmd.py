@@ -24,7 +24,7 @@ def fetch_cmd(names: tuple[str, ...], list_: bool, verify: bool, info: bool, as_
     no longer matches its pinned sha256.
     """
     if verify and not names:
-        names = tuple(n for n in ASSETS if asset_info(n)["cached"] or _present(n))
+        names = tuple(n for n in ASSETS if _present(n))
         if not names:
             echo("no cached assets to verify")
             return

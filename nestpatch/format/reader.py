@@ -71,41 +71,6 @@ def read_document(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:
     return st, doc
 
 
-def _check_against_base(path: Any, doc: dict, targets: list[Target]) -> None:
-    """MUSTs that tie targets to ``base``: each address one MLP weight once, with its axis and shape."""
-    from ..models.naming import parse_hf_name
-    from ..errors import UnsupportedError
-
-    base = doc.get(Doc.BASE) or {}
-    d_model, n_ff, n_layers = base.get(BaseKey.D_MODEL), base.get(BaseKey.N_FF), base.get(BaseKey.N_LAYERS)
-    seen: dict[str, str] = {}
-    for t in targets:
-        try:
-            ref = parse_hf_name(t.name)
-        except UnsupportedError as e:
-            raise FormatError(f"{path}: target {t.name!r}: {e}") from None
-        canon = ref.hf_name
-        if canon in seen:
-            raise FormatError(f"{path}: targets {seen[canon]!r} and {t.name!r} address the same weight {canon}")
-        seen[canon] = t.name
-        if t.axis != ref.axis:
-            raise FormatError(f"{path}: target {t.name!r}: axis {t.axis!r}, but {ref.module} holds its neurons on axis {ref.axis!r}")
-        if n_layers is not None and ref.layer >= n_layers:
-            raise FormatError(f"{path}: target {t.name!r}: layer {ref.layer} >= base.n_layers {n_layers}")
-        if d_model is not None and n_ff is not None:
-            want = (n_ff, d_model) if ref.module in ("gate_proj", "up_proj") else (d_model, n_ff)
-            if tuple(t.shape) != want:
-                raise FormatError(f"{path}: target {t.name!r}: shape {list(t.shape)} does not match base "
-                                  f"d_model {d_model} / n_ff {n_ff} (expected {list(want)})")
-    fp = base.get(BaseKey.FINGERPRINT)
-    if isinstance(fp, dict):
-        size = fp.get(FingerprintKey.SIZE)
-        for t in targets:
-            if t.base_sketch is not None and t.base_sketch.shape[1] != size + 1:
-                raise FormatError(f"{path}: target {t.name!r}: base_sketch has {t.base_sketch.shape[1]} columns, "
-                                  f"base.fingerprint.size {size} needs {size + 1}")
-
-
 def read_patch(path: str | os.PathLike, *, verify_digest: bool = True) -> Patch:
     """Read and validate a patch.
 
@@ -167,7 +132,6 @@ def read_patch(path: str | os.PathLike, *, verify_digest: bool = True) -> Patch:
         content_digest=doc.get(Doc.CONTENT_DIGEST),
     )
     validate_patch(patch, where=f"{path}: ")
-    _check_against_base(path, doc, targets)
     if verify_digest:
         actual = content_digest((n, st.dtype(n), st.entries[n][1], st.raw(n)) for n in st.entries)
         if patch.content_digest != actual:

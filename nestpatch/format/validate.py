@@ -81,3 +81,35 @@ def validate_patch(p: Patch, where: str = "") -> None:
             raise FormatError(f"{where}target {t.name!r} {what}")
         seen[canon] = t.name
         validate_target(t, where)
+    check_against_base(p, where)
+
+
+def check_against_base(p: Patch, where: str = "") -> None:
+    """MUSTs that tie targets to ``base``: each addresses one MLP weight, with its module's axis, a
+    layer below ``n_layers`` and the shape ``d_model``/``n_ff`` give; sketches have ``size + 1`` columns."""
+    from ..errors import UnsupportedError
+    from ..models.naming import parse_hf_name
+
+    base = p.base if isinstance(p.base, dict) else {}
+    d_model, n_ff, n_layers = base.get("d_model"), base.get("n_ff"), base.get("n_layers")
+    for t in p.targets:
+        try:
+            ref = parse_hf_name(t.name)
+        except UnsupportedError as e:
+            raise FormatError(f"{where}target {t.name!r}: {e}") from None
+        if t.axis != ref.axis:
+            raise FormatError(f"{where}target {t.name!r}: axis {t.axis!r}, but {ref.module} holds its neurons on axis {ref.axis!r}")
+        if isinstance(n_layers, int) and ref.layer >= n_layers:
+            raise FormatError(f"{where}target {t.name!r}: layer {ref.layer} >= base.n_layers {n_layers}")
+        if isinstance(d_model, int) and isinstance(n_ff, int):
+            want = (n_ff, d_model) if ref.module in ("gate_proj", "up_proj") else (d_model, n_ff)
+            if tuple(t.shape) != want:
+                raise FormatError(f"{where}target {t.name!r}: shape {list(t.shape)} does not match base "
+                                  f"d_model {d_model} / n_ff {n_ff} (expected {list(want)})")
+    fp = base.get("fingerprint")
+    size = fp.get("size") if isinstance(fp, dict) else None
+    if isinstance(size, int):
+        for t in p.targets:
+            if t.base_sketch is not None and np.asarray(t.base_sketch).shape[1] != size + 1:
+                raise FormatError(f"{where}target {t.name!r}: base_sketch has {np.asarray(t.base_sketch).shape[1]} "
+                                  f"columns, base.fingerprint.size {size} needs {size + 1}")
