@@ -182,12 +182,15 @@ def _doc_edit(data: bytes, fn) -> bytes:
 
 @pytest.mark.parametrize("name,edit,message", [
     ("duplicate key", lambda t: t.replace('"policy":', '"policy":{},"policy":', 1), "duplicate key"),
-    ("nan", lambda t: t.replace('"tolerance": 0.35', '"tolerance": NaN', 1), "non-finite"),
-    ("infinity", lambda t: t.replace('"evaluation": {}', '"evaluation": {"x": Infinity}', 1), "non-finite"),
+    ("nan", lambda t: t.replace('"tolerance":0.35', '"tolerance":NaN', 1), "non-finite"),
+    ("infinity", lambda t: t.replace('"evaluation":{}', '"evaluation":{"x":-Infinity}', 1), "non-finite"),
+    ("overflow", lambda t: t.replace('"tolerance":0.35', '"tolerance":1e999', 1), "out of range"),
 ])
 def test_strict_json(tmp_path, pico_patch, name, edit, message):
     f = tmp_path / "x.nestpatch"
-    f.write_bytes(_doc_rewrite(serialize_patch(pico_patch), edit))
+    data = serialize_patch(pico_patch)
+    f.write_bytes(_doc_rewrite(data, edit))
+    assert f.read_bytes() != data
     with pytest.raises(FormatError, match=message):
         read_patch(f)
 
@@ -355,12 +358,21 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, files):
     if why:
         pytest.skip(f"cannot make a small full filesystem here ({why})")
     try:
+        filler = mnt / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill it: every later write hits ENOSPC
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
         before = sha(files["model"])
         line = one_line_error(run("apply", files["model"], files["patch"], "-o", mnt / "o.gguf"))
         assert "No space left" in line, line
         line = one_line_error(run("export-lora", files["patch"], "--format", "peft", "-o", mnt / "peft"))
         assert "No space left" in line, line
-        assert list(mnt.iterdir()) == []
+        line = one_line_error(run("export-lora", files["patch"], "--format", "gguf", "-o", mnt / "a.gguf"))
+        assert "No space left" in line, line
+        assert [p.name for p in mnt.iterdir()] == ["filler"]  # no output, no temporary debris
         assert sha(files["model"]) == before
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -374,3 +386,15 @@ def test_report_shows_retention_below_one(tmp_path, files):
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text()
     assert "0.9960" in html and "0.151" in html
+
+
+def test_duplicate_key_before_the_signed_one_does_not_verify(files):
+    signed = files["dir"] / "signed.nestpatch"
+    assert run("sign", files["patch"], "--key", files["key"], "-o", signed).exit_code == 0
+    assert run("verify-signature", signed, "--pubkey", files["pub"]).exit_code == 0
+    forged = files["dir"] / "forged.nestpatch"
+    forged.write_bytes(_doc_rewrite(signed.read_bytes(),
+                                    lambda t: t.replace('"policy":', '"policy":{"name":"evil"},"policy":', 1)))
+    res = run("verify-signature", forged, "--pubkey", files["pub"])
+    assert res.exit_code != 0 and "OK" not in res.stdout
+    assert "duplicate key" in res.output
