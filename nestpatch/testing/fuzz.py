@@ -347,7 +347,7 @@ MUTATIONS: dict[str, tuple[Callable[[random.Random, bytes], bytes], int]] = {
     "bitflip": (m_bitflip, 12), "header_bitflip": (m_header_bitflip, 10), "truncate": (m_truncate, 8),
     "length_prefix": (m_length_prefix, 3), "meta_value": (m_meta_value, 16), "meta_delete": (m_meta_delete, 8),
     "meta_text": (m_meta_text, 8), "version": (m_version, 4), "tensor_entry": (m_tensor_entry, 8),
-    "redigest": (m_redigest, 10), "alias": (m_alias, 5), "huge": (m_huge, 6), "benign": (m_benign, 6),
+    "redigest": (m_redigest, 10), "alias": (m_alias, 5), "huge": (m_huge, 6), "benign": (m_benign, 4),
 }
 
 
