@@ -30,3 +30,6 @@ def test_fuzz_cli_subset(tmp_path, monkeypatch):
     assert stats.accepted >= 10, stats.summary()  # the benign mutations reach the whole chain
     assert stats.accepted < stats.fuzzed / 2, stats.summary()  # most mutations are refused
     assert len(stats.kinds) == 13, stats.kinds  # every mutation kind ran
+    # memory is bounded by model + patch (a few MB here) plus the interpreter with torch loaded, never by
+    # a metadata number: a 2^26 sketch size or shape would need gigabytes
+    assert stats.peak_rss_mb < 2048, stats.summary()

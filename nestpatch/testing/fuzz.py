@@ -66,7 +66,7 @@ def split(data: bytes) -> tuple[dict, bytes] | None:
     (hlen,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8:8 + hlen])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return (header, data[8 + hlen:]) if isinstance(header, dict) else None
 
@@ -124,7 +124,9 @@ def _doc_of(data: bytes) -> tuple[dict, bytes, dict] | None:
     header, body = sp
     try:
         doc = json.loads(header["__metadata__"]["nestpatch.metadata"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
         return None
     return header, body, doc
 
@@ -355,10 +357,13 @@ def mutate(rng: random.Random, data: bytes) -> tuple[str, bytes]:
     names = list(MUTATIONS)
     kind = rng.choices(names, weights=[MUTATIONS[n][1] for n in names])[0]
     out = MUTATIONS[kind][0](rng, data)
-    if rng.random() < 0.15:  # a second mutation now and then
+    if rng.random() < 0.15 and len(out) >= 8:  # a second mutation now and then
         kind2 = rng.choices(names, weights=[MUTATIONS[n][1] for n in names])[0]
-        out = MUTATIONS[kind2][0](rng, out) if len(out) >= 8 else out
-        kind = f"{kind}+{kind2}"
+        try:
+            out = MUTATIONS[kind2][0](rng, out)
+            kind = f"{kind}+{kind2}"
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, struct.error):
+            pass  # the first mutation left something the second cannot parse: keep the first
     return kind, out
 
 
@@ -414,7 +419,10 @@ class Fuzzer:
 
     def run_case(self, index: int, rng: random.Random) -> None:
         seed_name, seed = rng.choice(self.seeds)
-        kind, data = mutate(rng, seed)
+        try:
+            kind, data = mutate(rng, seed)
+        except Exception:  # noqa: BLE001 - a harness bug must not end a long run; the case is the seed itself
+            kind, data = "seed", seed
         case = f"{index}:{seed_name}:{kind}"
         self.stats.fuzzed += 1
         self.stats.kinds[kind.split("+")[0]] = self.stats.kinds.get(kind.split("+")[0], 0) + 1
