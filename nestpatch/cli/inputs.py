@@ -223,9 +223,22 @@ def revert(patched: Path, out: PathLike, *, force: bool, progress: bool = False)
 EXPORT_FORMATS = ("gguf", "peft")
 
 
+#: The dense LoRA factors of an export may not exceed this (bytes); a real patch of a 1.5B model needs ~0.2 GB.
+MAX_EXPORT_BYTES = 4 << 30
+
+
 def export_lora(patch: Patch, fmt: str, out: PathLike, base: str | None) -> Path:
-    """Export ``patch`` as a LoRA adapter of format ``fmt`` (the registry of export targets)."""
+    """Export ``patch`` as a LoRA adapter of format ``fmt`` (the registry of export targets).
+
+    The factors are dense ``(out, K)`` and ``(K, in)`` matrices whose size follows from the
+    target shapes in the metadata, so their total is bounded before anything is allocated.
+    """
     from ..converters.lora_export import export_gguf_lora, export_peft
+
+    need = sum(4 * t.n_clusters * (t.shape[0] + t.shape[1]) for t in patch.targets)
+    if need > MAX_EXPORT_BYTES:
+        raise InputError(f"{out}: the LoRA factors of this patch would take {need / 2**30:.1f} GiB "
+                         f"(limit {MAX_EXPORT_BYTES / 2**30:.0f} GiB); its target shapes are implausible")
 
     exporters = {"gguf": export_gguf_lora, "peft": export_peft}
     if fmt not in exporters:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from .constants import AXES, DELTA_DTYPES, MAX_DIM
+from .constants import AXES, DELTA_DTYPES, MAX_DIM, MAX_LAYERS
 
 #: A sketch has S projections plus the norm; S is capped so no file can size a large allocation.
 MAX_SKETCH_COLUMNS = 65
@@ -101,6 +101,8 @@ def check_against_base(p: Patch, where: str = "") -> None:
             raise FormatError(f"{where}target {t.name!r}: axis {t.axis!r}, but {ref.module} holds its neurons on axis {ref.axis!r}")
         if isinstance(n_layers, int) and ref.layer >= n_layers:
             raise FormatError(f"{where}target {t.name!r}: layer {ref.layer} >= base.n_layers {n_layers}")
+        if ref.layer >= MAX_LAYERS:
+            raise FormatError(f"{where}target {t.name!r}: layer {ref.layer} is beyond the {MAX_LAYERS} layers a model may have")
         if isinstance(d_model, int) and isinstance(n_ff, int):
             want = (n_ff, d_model) if ref.module in ("gate_proj", "up_proj") else (d_model, n_ff)
             if tuple(t.shape) != want:
