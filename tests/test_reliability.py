@@ -398,3 +398,25 @@ def test_duplicate_key_before_the_signed_one_does_not_verify(files):
     res = run("verify-signature", forged, "--pubkey", files["pub"])
     assert res.exit_code != 0 and "OK" not in res.stdout
     assert "duplicate key" in res.output
+
+
+def test_export_memory_is_bounded_before_allocation(files):
+    import numpy as np
+
+    from nestpatch.format import Patch, Target
+
+    n = 80
+    t = Target("model.layers.0.mlp.up_proj.weight", "row", (1 << 24, 64), np.arange(n, dtype=np.int32),
+               np.arange(n, dtype=np.int32), np.ones((n, 64), np.float32))
+    p = Patch([t], base={"architecture": "llama"}, policy={"name": "big"})
+    big = files["dir"] / "big.nestpatch"
+    write_patch(p, big)
+    assert big.stat().st_size < 64 * 1024
+    one_line_error(run("export-lora", big, "--format", "peft", "-o", files["dir"] / "peft"), "GiB")
+
+
+def test_layer_counts_are_bounded(tmp_path, pico_patch):
+    f = tmp_path / "x.nestpatch"
+    f.write_bytes(_doc_edit(serialize_patch(pico_patch), _set(["base", "n_layers"], 1 << 40)))
+    with pytest.raises(FormatError, match="base/n_layers"):
+        read_patch(f)

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import FormatError
 from .constants import (
     FORMAT_NAME, INDEX_DTYPE, READABLE_MAJOR_VERSIONS, SKETCH_DTYPE, T_CLUSTERS, T_DELTAS, T_INDICES, T_SCALES,
-    T_SKETCH, TENSOR_SUFFIXES, BaseKey, Doc, FingerprintKey, Meta, TargetKey, AXES,
+    T_SKETCH, TENSOR_SUFFIXES, Doc, Meta, TargetKey, AXES,
 )
 from .digest import content_digest
 from .patch import Patch, Target
