@@ -95,8 +95,8 @@ def check_against_base(p: Patch, where: str = "") -> None:
     for t in p.targets:
         try:
             ref = parse_hf_name(t.name)
-        except UnsupportedError as e:
-            raise FormatError(f"{where}target {t.name!r}: {e}") from None
+        except UnsupportedError as e:  # a fused/MoE or non-MLP name: unsupported, refused the same way
+            raise UnsupportedError(f"{where}target {t.name!r}: {e}") from None
         if t.axis != ref.axis:
             raise FormatError(f"{where}target {t.name!r}: axis {t.axis!r}, but {ref.module} holds its neurons on axis {ref.axis!r}")
         if isinstance(n_layers, int) and ref.layer >= n_layers:
