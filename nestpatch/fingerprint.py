@@ -12,9 +12,11 @@ shape give a relative error around 1.4. The default tolerance 0.35 sits between 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -25,6 +27,46 @@ from .format.patch import Patch, Target
 log = logging.getLogger(__name__)
 
 _SALT = b"nestpatch-sketch-v1:"
+
+#: The loosest tolerance this tool accepts: a patch may tighten it, never loosen it (a patch that
+#: says 1e9 would otherwise switch the wrong-base check off by editing one number).
+TOLERANCE_CAP = SKETCH_TOLERANCE
+#: Largest sketch size S a reader accepts (the projection matrix is S x d floats).
+MAX_SKETCH_SIZE = 64
+
+_SKIP = contextvars.ContextVar("nestpatch_skip_base_check", default=False)
+
+
+@contextlib.contextmanager
+def base_check_skipped(skip: bool = True) -> Iterator[None]:
+    """Within this block a patch without base sketches is accepted (the user said so explicitly).
+
+    Without it, :func:`check_base` refuses such a patch: a fingerprint that is simply absent must
+    not switch off the wrong-base check.
+    """
+    token = _SKIP.set(bool(skip))
+    try:
+        yield
+    finally:
+        _SKIP.reset(token)
+
+
+def tolerance(patch: Patch) -> float:
+    """The tolerance to check against: the patch's own, capped at :data:`TOLERANCE_CAP`."""
+    fp = patch.base.get(BaseKey.FINGERPRINT) or {}
+    raw = fp.get(FingerprintKey.TOLERANCE, SKETCH_TOLERANCE) if isinstance(fp, dict) else SKETCH_TOLERANCE
+    try:
+        tol = float(raw)
+    except (TypeError, ValueError):
+        return TOLERANCE_CAP
+    return min(tol, TOLERANCE_CAP) if tol == tol and tol > 0 else TOLERANCE_CAP
+
+
+def sketch_size(t: Target) -> int:
+    """Sketch size S of a target, from its stored sketch (never from a metadata number)."""
+    if t.base_sketch is not None and t.base_sketch.ndim == 2 and t.base_sketch.shape[1] >= 2:
+        return int(t.base_sketch.shape[1]) - 1
+    return SKETCH_SIZE
 
 
 def projection_matrix(name: str, dim: int, size: int = SKETCH_SIZE) -> np.ndarray:
@@ -65,7 +107,10 @@ def fingerprint_info(tolerance: float = SKETCH_TOLERANCE) -> dict:
 
 def attach_sketches(patch: Patch, get_vectors: Callable[[Target], np.ndarray]) -> None:
     """Fill ``base_sketch`` of every target from the base model (used when a patch is made)."""
-    size = int(patch.base.get(BaseKey.FINGERPRINT, {}).get(FingerprintKey.SIZE, SKETCH_SIZE))
+    fp = patch.base.get(BaseKey.FINGERPRINT) or {}
+    size = int(fp.get(FingerprintKey.SIZE, SKETCH_SIZE))
+    if not 1 <= size <= MAX_SKETCH_SIZE:
+        raise ValueError(f"sketch size {size} outside [1, {MAX_SKETCH_SIZE}]")
     for t in patch.targets:
         t.base_sketch = sketch(t.name, get_vectors(t), size)
 
@@ -88,6 +133,10 @@ def check_base(
 ) -> dict[str, float]:
     """Refuse a model the patch was not made for; return the relative error per target.
 
+    A target without a base sketch is refused unless :func:`base_check_skipped` is active; the
+    tolerance is the patch's, capped at :data:`TOLERANCE_CAP`; the sketch size comes from the
+    stored sketch, so no metadata number sizes an allocation.
+
     Args:
         get_vectors: returns the model's current vectors of ``target.indices`` as float32 ``(n, d)``.
         model_label: names the model in error messages (a path, usually).
@@ -95,14 +144,17 @@ def check_base(
     Raises:
         BaseMismatchError: naming the first target whose sketch is off by more than the tolerance.
     """
-    fp = patch.base.get(BaseKey.FINGERPRINT, {}) or {}
-    tol = float(fp.get(FingerprintKey.TOLERANCE, SKETCH_TOLERANCE))
-    size = int(fp.get(FingerprintKey.SIZE, SKETCH_SIZE))
+    tol = tolerance(patch)
     errors: dict[str, float] = {}
     for t in targets if targets is not None else patch.targets:
         if t.base_sketch is None:
-            log.warning("target %s carries no base sketch; fingerprint not checked", t.name)
+            if not _SKIP.get():
+                raise BaseMismatchError(
+                    f"{model_label}: the patch carries no base fingerprint for {t.name}, so it cannot be checked "
+                    f"against this model; pass --skip-base-check to apply it anyway")
+            log.warning("target %s carries no base sketch; fingerprint not checked (--skip-base-check)", t.name)
             continue
+        size = sketch_size(t)
         vec = get_vectors(t)
         if vec.shape != (t.n_neurons, t.vector_len):
             raise BaseMismatchError(

@@ -196,6 +196,8 @@ def test_different_base_models_said_first(tmp_path: Path) -> None:
     b.base["d_model"] = 32
     first = render_diff(diff_patches(a, b)).splitlines()[0]
     assert first.startswith("WARNING: different base models: d_model 16 vs 32")
+    b.base["d_model"] = a.base["d_model"]  # a file's shapes must agree with its own base (spec 3.2)
+    b.base["n_layers"] = 99
     pa, pb = write_patch(a, tmp_path / "a.nestpatch"), write_patch(b, tmp_path / "b.nestpatch")
     res = CliRunner().invoke(cli, ["diff", str(pa), str(pb)])
     assert res.exit_code == 1 and res.output.startswith("WARNING: different base models")

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedError
-from ..fingerprint import relative_error
-from ..format.constants import SKETCH_TOLERANCE, BaseKey, FingerprintKey, ProvenanceKey, SignatureKey
+from ..fingerprint import relative_error, tolerance
+from ..format.constants import BaseKey, ProvenanceKey, SignatureKey
 from ..format.patch import Patch, Target
 from ..format.writer import compute_digest
 from ..models.naming import parse_hf_name
@@ -262,11 +262,14 @@ def _base_verdict(a: Patch, b: Patch) -> dict:
         if va is not None and vb is not None and str(va) != str(vb):
             diffs.append({"key": k, "a": va, "b": vb})
     names = [a.base.get(BaseKey.NAME), b.base.get(BaseKey.NAME)]
-    tol = float((a.base.get(BaseKey.FINGERPRINT) or {}).get(FingerprintKey.TOLERANCE, SKETCH_TOLERANCE))
+    tol = tolerance(a)
     errors: dict[str, float] = {}
     tb_by_name = {t.name: t for t in b.targets}
+    fp_changes = []
     for ta in a.targets:
         tb = tb_by_name.get(ta.name)
+        if tb is not None and (ta.base_sketch is None) != (tb.base_sketch is None):
+            fp_changes.append({"target": ta.name, "change": "removed" if tb.base_sketch is None else "added"})
         if tb is None or ta.base_sketch is None or tb.base_sketch is None or ta.shape != tb.shape:
             continue
         sa, sb = np.asarray(ta.base_sketch, np.float32), np.asarray(tb.base_sketch, np.float32)
@@ -295,7 +298,11 @@ def _base_verdict(a: Patch, b: Patch) -> dict:
     else:
         verdict = "same"
         reason = "same base description (no common neurons to compare fingerprints)"
-    return {"verdict": verdict, "reason": reason, "differences": diffs, "fingerprint_error": errors, "tolerance": tol}
+    fa, fb = a.base.get(BaseKey.FINGERPRINT), b.base.get(BaseKey.FINGERPRINT)
+    if fa != fb:
+        fp_changes.append({"target": "base.fingerprint", "change": "removed" if fb is None else "added" if fa is None else "changed"})
+    return {"verdict": verdict, "reason": reason, "differences": diffs, "fingerprint_error": errors, "tolerance": tol,
+            "fingerprint_changes": fp_changes}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -383,6 +390,11 @@ def render_diff(r: dict) -> str:
     base = r["base"]
     if base["verdict"] != "same":
         lines.append(f"WARNING: {base['reason']}; the diff below compares them anyway")
+    fpc = base.get("fingerprint_changes") or []
+    gone = [c["target"] for c in fpc if c["change"] == "removed"]
+    if gone:
+        lines.append(f"WARNING: B drops the base fingerprint of {len(gone)} target(s) ({', '.join(gone[:4])}"
+                     f"{', ...' if len(gone) > 4 else ''}): B can no longer be checked against its base model")
     for side in ("a", "b"):
         s = r[side]
         pol = s["policy"] or {}
@@ -394,6 +406,9 @@ def render_diff(r: dict) -> str:
         return "\n".join(lines)
     if base["verdict"] == "same":
         lines.append(f"base: {base['reason']}")
+    other = [f"{c['target']} {c['change']}" for c in fpc if c["change"] != "removed"]
+    if other:
+        lines.append(f"fingerprints: {'; '.join(other[:6])}{'; ...' if len(other) > 6 else ''}")
     sm = r["summary"]
     lines.append(f"tensors: {'identical' if sm['tensors_identical'] else 'differ'}; "
                  f"neurons +{sm['neurons_added']} -{sm['neurons_removed']} ={sm['neurons_kept']}; "

@@ -87,8 +87,19 @@ def load_fold_report(path: str | os.PathLike) -> dict:
     if d.get("precision") and d.get("precision") != "keep":
         label += f" ({d['precision']})"
     label += f": {Path(str(d.get('model_out', p.stem))).name}"
+    def nums(key: str) -> list[float]:
+        return [float(t[key]) for t in targets if isinstance(t.get(key), (int, float)) and not isinstance(t.get(key), bool)]
+
     return {"label": label, "path": str(p), "patch_digest": d.get("patch_digest"), "targets": targets,
-            "min_retention": min((t["retention"] for t in targets), default=None)}
+            "min_retention": min(nums("retention"), default=None), "max_rel_error": max(nums("rel_error"), default=None)}
+
+
+def retention_text(f: dict) -> str:
+    """Min retention with 4 decimals and the worst relative error: 0.996 must not read as 1.00."""
+    text = f"{f['min_retention']:.4f}"
+    if f.get("max_rel_error") is not None:
+        text += f" (max rel. error {f['max_rel_error']:.3g})"
+    return text
 
 
 def provenance_rows(p: Patch) -> list[tuple[str, str]]:
@@ -184,7 +195,7 @@ def render_html(data: dict, figs: dict[str, bytes]) -> str:
              ("trainable parameters", f"{tot['trainable_parameters']:,}"), ("signature", "signed" if data["signed"] else "unsigned")]
     folds = data["folds"]
     if folds:
-        cards.append(("min retention", ", ".join(f"{f['min_retention']:.2f}" for f in folds if f["min_retention"] is not None)))
+        cards.append(("min retention", ", ".join(retention_text(f) for f in folds if f["min_retention"] is not None)))
     cards_html = "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards)
 
     sec: list[str] = []
@@ -227,6 +238,16 @@ def render_html(data: dict, figs: dict[str, bytes]) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+#: Every figure a report can have; the PNGs are named ``<stem>-<figure>.png``.
+FIGURES = ("neurons", "clusters", "delta_norms", "retention", "eval")
+
+
+def report_outputs(out_html: str | os.PathLike) -> list[Path]:
+    """Every file a report writes besides the page itself (so the CLI can guard them first)."""
+    out = Path(out_html)
+    return [out.with_name(f"{out.stem}-{name}.png") for name in FIGURES] + [out.with_name(f"{out.stem}.json")]
 
 
 def make_figures(data: dict) -> dict[str, bytes]:

@@ -12,13 +12,11 @@ longer matches: the tensors, or which metadata sections.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,21 +47,10 @@ def _crypto():
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret atomically with mode 0600 from the first byte (atomic_path would chmod 0644)."""
-    if not path.parent.exists():
-        raise InputError(f"{path}: output directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write a secret atomically with mode 0600 from the first byte."""
+    from ..atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, data, mode=0o600)
 
 
 def generate_keypair(private_path: str | os.PathLike, *, passphrase: bytes | None = None,

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fingerprint import relative_error, sketch
-from ..format.constants import AXIS_ROW, SKETCH_SIZE, SKETCH_TOLERANCE, BaseKey, FingerprintKey, PolicyKey
+from ..fingerprint import relative_error, sketch, sketch_size, tolerance
+from ..format.constants import AXIS_ROW, PolicyKey
 from ..format.patch import Patch, Target
 from ..format.reader import read_patch
 from ..format.writer import compute_digest
@@ -353,12 +353,11 @@ def verify_provenance(model_path: str | os.PathLike, patch: Patch, res: VerifyRe
 
 def _residual_fingerprints(m: ModelFile, patch: Patch, targets: dict[str, Target], res: VerifyResult) -> None:
     """MODEL's neurons minus the deltas should match the patch's base sketch (within its tolerance)."""
-    fp = patch.base.get(BaseKey.FINGERPRINT) or {}
-    tol = float(fp.get(FingerprintKey.TOLERANCE, SKETCH_TOLERANCE))
-    size = int(fp.get(FingerprintKey.SIZE, SKETCH_SIZE))
+    tol = tolerance(patch)
     for name, t in sorted(targets.items()):
         if t.base_sketch is None:
             continue
+        size = sketch_size(t)
         res.tensors_compared += 1
         vec = neuron_vectors(m.floats(name), t.axis, np.asarray(t.indices, np.int64))  # (n, d)
         ref = np.asarray(t.base_sketch, np.float32)

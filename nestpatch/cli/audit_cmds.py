@@ -13,7 +13,10 @@ import sys
 
 import click
 
+from . import inputs
+from ..errors import InputError
 from ..format import read_patch
+from .terminal import deep_escape, echo, escape
 
 
 def _passphrase(env: str | None) -> bytes | None:
@@ -62,7 +65,7 @@ def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: boo
                                              backend=backend, runs_dir=runs_dir, max_new_tokens=max_new_tokens)
         if any(s["flips"] for s in result["behaviour"]["suites"]):
             result["identical"] = False
-    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_diff(result))
+    echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_diff(deep_escape(result)))
     sys.exit(0 if result["identical"] else 1)
 
 
@@ -75,8 +78,9 @@ def keygen_cmd(out: str, passphrase_env: str | None, force: bool) -> None:
     """Create an ed25519 key pair for signing patches (OUT, mode 0600, and OUT.pub)."""
     from ..audit.signing import generate_keypair
 
+    inputs.guard_outputs([out, out + ".pub"], [], force=force)
     priv, pub, hexkey = generate_keypair(out, passphrase=_passphrase(passphrase_env), force=force)
-    click.echo(f"private key {priv} (keep it secret)\npublic key  {pub}\nkey id      {hexkey}")
+    echo(f"private key {escape(priv)} (keep it secret)\npublic key  {escape(pub)}\nkey id      {hexkey}")
 
 
 @click.command("sign")
@@ -85,12 +89,17 @@ def keygen_cmd(out: str, passphrase_env: str | None, force: bool) -> None:
 @click.option("-o", "--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Write the signed patch here instead of rewriting PATCH in place (atomically).")
 @click.option("--passphrase-env", default=None, metavar="VAR", help="Passphrase of an encrypted key, read from $VAR.")
-def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None, force: bool) -> None:
     """Sign PATCH with an ed25519 key; the signature is stored inside the patch."""
     from ..audit.signing import sign_patch
 
+    if out is not None:
+        inputs.guard_outputs([out], [patch, key], force=force)
+    else:  # signing in place rewrites PATCH (atomically); the key and the cache stay untouched
+        inputs.guard_outputs([patch], [key], existing_ok=True)
     sig = sign_patch(patch, key, out=out, passphrase=_passphrase(passphrase_env))
-    click.echo(f"{out or patch}: signed by {sig['public_key']}")
+    echo(f"{escape(out or patch)}: signed by {escape(sig['public_key'])}")
 
 
 @click.command("verify-signature")
@@ -105,23 +114,26 @@ def verify_signature_cmd(patch: str, pubkey: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True))
     else:
-        click.echo(f"{patch}: {'OK' if res.ok else 'FAILED'}: {res.reason}", err=not res.ok)
+        echo(f"{escape(patch)}: {'OK' if res.ok else 'FAILED'}: {escape(res.reason)}", err=not res.ok)
     sys.exit(0 if res.ok else 1)
 
 
 @click.command("verify")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=str)
 @click.option("--patch", "patch", required=True, type=click.Path(dir_okay=False), help="The patch MODEL should contain.")
-@click.option("--base", "base", default=None, type=click.Path(),
-              help="The original model; without it only the fold provenance recorded in MODEL is checked.")
+@click.option("--base", "base", default=None, type=str,
+              help="The original model (a path or a named model such as smollm2); without it only the fold provenance "
+                   "recorded in MODEL is checked.")
 @click.option("--exact", is_flag=True, help="Quantized tensors must be byte-identical to a re-run fold too (no re-encoding tolerance).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: bool) -> None:
     """Is MODEL exactly BASE with PATCH folded in? Exit 0 if so, 1 with the differing tensors if not."""
     from ..audit.verify import render_verify, verify_model
 
-    res = verify_model(model, patch, base=base, exact=exact)
-    click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True) if as_json else render_verify(res))
+    model_path = inputs.open_model(model)
+    base_path = inputs.open_model(base) if base else None
+    res = verify_model(model_path, patch, base=base_path, exact=exact)
+    echo(json.dumps(res.to_dict(), indent=2, sort_keys=True) if as_json else render_verify(res))
     sys.exit(0 if res.ok else 1)
 
 
@@ -131,12 +143,16 @@ def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: b
 @click.option("--eval", "eval_dirs", multiple=True, type=click.Path(), help="An evaluation run directory (repeatable).")
 @click.option("--fold-report", "fold_reports", multiple=True, type=click.Path(dir_okay=False),
               help="A fold report JSON (repeatable): adds retention per target.")
-def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...]) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing report (OUT and its PNG/JSON files).")
+def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...], force: bool) -> None:
     """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
-    from ..audit.report import write_report
+    from ..audit.report import report_outputs, write_report
 
+    ins = [patch, *eval_dirs, *fold_reports]
+    inputs.guard_outputs([out], ins, force=force)
+    inputs.guard_outputs(report_outputs(out), ins, force=True)  # companions: replaced with the page
     res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports)
-    click.echo(f"wrote {res.html} ({len(res.pngs)} figures: {', '.join(p.name for p in res.pngs)})")
+    echo(f"wrote {escape(res.html)} ({len(res.pngs)} figures: {', '.join(escape(p.name) for p in res.pngs)})")
 
 
 def register(group: click.Group) -> None:

@@ -108,6 +108,10 @@ def bench_cmd(ctx: click.Context, model: str, methods: str, out_dir: str, limit:
     from ..baselines.registry import parse_methods
     from ..train.config import TrainConfig
 
+    from . import inputs
+
+    # the bench directory resumes (may exist) but is never the model, a config, or inside the cache
+    inputs.guard_outputs([out_dir], [inputs.model_location(model), train_config], existing_ok=True)
     names = parse_methods(methods)
     tc = TrainConfig.from_toml(train_config) if train_config else TrainConfig()
     tc = tc.merged({"seed": seed, "max_prompts": max_prompts, "batch_size": batch_size, "bf16": bf16, "device": device})

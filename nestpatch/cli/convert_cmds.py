@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from ..assets import resolve_model
+from . import inputs
 from ..atomic import write_bytes_atomic
-from ..errors import InputError, SignatureError, UnsupportedError
-from ..format import FILE_EXTENSION, read_patch
+from ..errors import InputError, UnsupportedError
+from ..format import FILE_EXTENSION
 from ..models.naming import parse_hf_name
+from .terminal import deep_escape, echo, escape
 
 PRECISIONS = ("keep", "auto", "q8_0", "f16")
 
@@ -39,10 +39,6 @@ def default_patch(model: Path) -> Path:
                          f"(looked for {same_stem[0].name} and any *{FILE_EXTENSION} in {folder}); pass PATCH")
     raise InputError(f"{model}: no PATCH given and {len(found)} {FILE_EXTENSION} files in {folder} "
                      f"({', '.join(p.name for p in found[:4])}); pass PATCH")
-
-
-def _is_gguf(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() == ".gguf"
 
 
 def _short(name: str) -> str:
@@ -80,18 +76,8 @@ def render_report(d: dict) -> str:
     return "\n".join(lines)
 
 
-def _require_signature(patch_path: Path, trusted: object) -> str:
-    """Check ``patch_path``'s exact bytes against the trusted key; return the signed content digest.
-
-    Raises:
-        InputError: no such patch file.
-        SignatureError: unsigned, signed by another key, or changed since signing (names the file).
-    """
-    from ..audit.signing import require_signature
-
-    if not patch_path.is_file():
-        raise InputError(f"{patch_path}: no such patch file")
-    return require_signature(patch_path, trusted).content_digest
+SKIP_BASE_HELP = ("Apply a patch that carries no base fingerprint (its base model cannot be checked). "
+                  "Without this flag such a patch is refused.")
 
 
 @click.command("apply")
@@ -100,56 +86,40 @@ def _require_signature(patch_path: Path, trusted: object) -> str:
 @click.option("-o", "--output", "out", type=click.Path(), help="Output model (file for GGUF/.safetensors, directory for an HF dir).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="keep", show_default=True,
               help="GGUF: keep each touched tensor's type, 'auto' upcast where retention is low, or store touched tensors as q8_0/f16.")
-@click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically) instead of writing OUT.")
+@click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically) instead of writing OUT. Refused on named/cached models.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the fold report as JSON here.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 @click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False), default=None,
               help="Refuse PATCH unless it carries a valid ed25519 signature by this public key (PEM, OpenSSH or hex).")
-def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in_place: bool,
-              report_json: str | None, progress: bool | None, pubkey: str | None) -> None:
+@click.option("--skip-base-check", is_flag=True, help=SKIP_BASE_HELP)
+def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in_place: bool, force: bool,
+              report_json: str | None, progress: bool | None, pubkey: str | None, skip_base_check: bool) -> None:
     """Fold PATCH into MODEL (a .gguf file, an HF directory, a .safetensors file, or 'smollm2').
 
-    PATCH defaults to the .nestpatch beside MODEL (same stem, or the only one there). The base
-    fingerprint (and with --require-signature the patch's signature) is checked before anything
-    is written; the output appears atomically.
+    PATCH defaults to the .nestpatch beside MODEL (same stem, or the only one there). Outputs are
+    checked first (never an input, never the model cache; --force to replace one), then the
+    signature (--require-signature) and the base fingerprint; the output appears atomically.
     """
-    trusted = None
-    if pubkey is not None:
-        from ..audit.signing import load_public_key
+    from ..fingerprint import base_check_skipped
 
-        trusted = load_public_key(pubkey)  # a missing or bad key file fails before any other work
-    signed = _require_signature(Path(patch), trusted) if patch and trusted is not None else None  # before MODEL is fetched
-    model_path = resolve_model(model)
-    if not model_path.exists():
-        raise InputError(f"{model_path}: no such model file or directory")
+    trusted = inputs.load_trusted_key(pubkey)  # a missing or bad key file fails before any other work
+    where = inputs.model_location(model)  # a named model's cache path, not fetched yet
+    if in_place:
+        inputs.refuse_in_place_on_cache(model, where)
+    early = [report_json] + ([inputs.file_output(out, where)] if out and not in_place else [])
+    inputs.guard_outputs(early, [where, patch, pubkey], force=force)  # before any fetch or read
+    signed = inputs.check_signature(Path(patch), trusted) if patch else None
+    model_path = inputs.open_model(model)
     patch_path = Path(patch) if patch else default_patch(model_path)
-    if out is None and not in_place:
-        raise InputError(f"{model_path}: no output given; pass -o OUT (or --in-place to replace the model)")
-    if in_place and out is not None and not (Path(out).exists() and os.path.samefile(out, model_path)):
-        raise InputError(f"{out}: --in-place replaces {model_path}; do not give another output")
-    if not in_place and Path(out).exists() and os.path.samefile(out, model_path):
-        raise InputError(f"{out}: output is the input model; choose another output or pass --in-place")
-    if trusted is not None and signed is None:
-        signed = _require_signature(patch_path, trusted)
-    p = read_patch(patch_path)
-    if signed is not None and p.content_digest != signed:
-        raise SignatureError(f"{patch_path}: changed between the signature check and reading it; run again")
+    plan = inputs.plan_fold(model, model_path, patch_path, out, in_place=in_place, force=force,
+                            extra_outputs=[report_json], extra_inputs=[pubkey])
+    p = inputs.open_patch(patch_path, trusted, signed=signed)
     show = sys.stderr.isatty() if progress is None else progress
-    if _is_gguf(model_path):
-        from ..converters.gguf_fold import fold_gguf
-
-        target = model_path if in_place else Path(out)
-        if target.is_dir():
-            target = target / model_path.name
-        report = fold_gguf(model_path, p, target, precision=precision, progress=show)
-    else:
-        if precision not in ("keep", "auto"):
-            raise InputError(f"{model_path}: --precision {precision} applies to GGUF models; a safetensors fold keeps each tensor's dtype")
-        from ..converters.safetensors_fold import fold_safetensors
-
-        report = fold_safetensors(model_path, p, out, progress=show, in_place=in_place)
+    with base_check_skipped(skip_base_check):
+        report = inputs.fold(plan, p, precision=precision, progress=show)
     d = report.to_dict()
-    click.echo(render_report(d))
+    echo(render_report(deep_escape(d)))
     if report_json:
         write_bytes_atomic(report_json, (report.to_json() + "\n").encode("utf-8"))
 
@@ -157,38 +127,31 @@ def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in
 @click.command("revert")
 @click.argument("patched", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the restored original.")
-def revert_cmd(patched: str, out: str) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def revert_cmd(patched: str, out: str, force: bool) -> None:
     """Restore the original model from a folded PATCHED model, byte for byte."""
-    path = Path(patched)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    if _is_gguf(path):
-        from ..converters.gguf_fold import revert_gguf
-
-        target = Path(out) / path.name if Path(out).is_dir() else Path(out)
-        if target.exists() and os.path.samefile(target, path):
-            raise InputError(f"{target}: output is the folded model itself; choose another output")
-        result = revert_gguf(path, target)
-    else:
-        from ..converters.safetensors_fold import revert_safetensors
-
-        result = revert_safetensors(path, Path(out), progress=sys.stderr.isatty())
-    click.echo(f"restored the original model of {path} -> {result}")
+    result = inputs.revert(Path(patched), out, force=force, progress=sys.stderr.isatty())
+    echo(f"restored the original model of {escape(patched)} -> {escape(result)}")
 
 
 @click.command("export-lora")
 @click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(("gguf", "peft")), required=True,
+@click.option("--format", "fmt", type=click.Choice(inputs.EXPORT_FORMATS), required=True,
               help="gguf: llama.cpp adapter file; peft: PEFT adapter directory.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter file (gguf) or directory (peft).")
 @click.option("--base", type=str, help="Base model (GGUF, HF dir, or 'smollm2'): checked against the patch and recorded.")
-def export_lora_cmd(patch: str, fmt: str, out: str, base: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--skip-base-check", is_flag=True, help=SKIP_BASE_HELP)
+def export_lora_cmd(patch: str, fmt: str, out: str, base: str | None, force: bool, skip_base_check: bool) -> None:
     """Export PATCH as an exact LoRA adapter (rank = clusters per target)."""
-    from ..converters.lora_export import export_gguf_lora, export_peft, max_rank
+    from ..converters.lora_export import max_rank
+    from ..fingerprint import base_check_skipped
 
-    p = read_patch(patch)
-    path = export_gguf_lora(p, out, base=base) if fmt == "gguf" else export_peft(p, out, base=base)
-    click.echo(f"{path}: {fmt} LoRA adapter, {len(p.targets)} modules, max rank {max_rank(p)}")
+    inputs.guard_outputs([out], [patch, inputs.model_location(base) if base else None], force=force)
+    p = inputs.open_patch(patch)
+    with base_check_skipped(skip_base_check):
+        path = inputs.export_lora(p, fmt, out, base)
+    echo(f"{escape(path)}: {fmt} LoRA adapter, {len(p.targets)} modules, max rank {max_rank(p)}")
 
 
 def register(group: click.Group) -> None:

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from . import inputs
+from ..fingerprint import base_check_skipped
+from .terminal import deep_escape, echo, escape
 from ..evaluate.runner import DIGEST_FILE, SUMMARY_FILE, EvalOptions, run_suites
 from ..evaluate.suites import FILE_KINDS, SUITE_GROUPS, SUITES
 
@@ -69,11 +72,12 @@ def _headline(summary: dict) -> str:
 @click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Refuse a patch not signed with this public key.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--skip-base-check", is_flag=True, help="Evaluate a patch that carries no base fingerprint (refused otherwise).")
 def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: str, compare: bool, resume: bool,
              limit: int | None, max_new_tokens: int, harmful_max_new_tokens: int, batch_size: int, judges: str,
              harm_model: str | None, judge_model: str | None, judge_format: str,
              column: str | None, file_kind: str, patch_mode: str, precision: str, threads: int | None, device: str,
-             dtype: str, seed: int, pubkey: str | None, no_progress: bool) -> None:
+             dtype: str, seed: int, pubkey: str | None, no_progress: bool, skip_base_check: bool) -> None:
     """Evaluate MODEL (a .gguf, an HF directory, or smollm2) on SUITEs; write per-sample JSONL and a summary."""
     opts = EvalOptions(max_new_tokens=max_new_tokens, harmful_max_new_tokens=harmful_max_new_tokens, harm_model=harm_model,
                        batch_size=batch_size, limit=limit, seed=seed,
@@ -82,11 +86,14 @@ def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: 
                        dtype=dtype, patch_mode=patch_mode, precision=precision, n_threads=threads, column=column,
                        file_kind=file_kind, require_signature=pubkey)
     names = [s.strip() for s in suites.split(",") if s.strip()]
-    summary = run_suites(model, patch, names, backend=backend, out_dir=out_dir, options=opts)
-    click.echo(_headline(summary))
+    # the run directory may exist (--resume; the runner refuses a foreign one) but is never an input or the cache
+    inputs.guard_outputs([out_dir], [inputs.model_location(model), patch, judge_model, pubkey], existing_ok=True)
+    with base_check_skipped(skip_base_check):
+        summary = run_suites(model, patch, names, backend=backend, out_dir=out_dir, options=opts)
+    echo(_headline(deep_escape(summary)))
     out = Path(out_dir)
-    click.echo(f"wrote {out / SUMMARY_FILE}, {out / DIGEST_FILE} and per-sample JSONL under {out / 'samples'} "
-               f"({summary['wall_seconds']:.1f} s)")
+    echo(f"wrote {escape(out / SUMMARY_FILE)}, {escape(out / DIGEST_FILE)} and per-sample JSONL under "
+         f"{escape(out / 'samples')} ({summary['wall_seconds']:.1f} s)")
 
 
 def register(group: click.Group) -> None:

@@ -11,6 +11,7 @@ from ..format import read_patch
 from ..format.constants import Doc
 from ..format.patch import Patch
 from ..models.naming import layer_and_module
+from .terminal import deep_escape, echo, escape
 
 
 def patch_summary(p: Patch) -> dict:
@@ -73,7 +74,7 @@ def inspect_cmd(patch: str, as_json: bool) -> None:
     """Summarise PATCH: targets per layer, neurons, clusters, parameters, policy, provenance."""
     p = read_patch(patch)
     s = patch_summary(p)
-    click.echo(json.dumps(s, indent=2, sort_keys=True) if as_json else render_summary(patch, s))
+    echo(json.dumps(s, indent=2, sort_keys=True) if as_json else render_summary(escape(patch), deep_escape(s)))
 
 
 @click.command("validate")
@@ -82,7 +83,7 @@ def validate_cmd(patches: tuple[str, ...]) -> None:
     """Check every invariant of each PATCH (structure, ranges, finiteness, digest, version)."""
     for path in patches:
         p = read_patch(path)
-        click.echo(f"{path}: ok ({len(p.targets)} targets, {p.n_neurons} neurons, {p.content_digest})")
+        echo(f"{escape(path)}: ok ({len(p.targets)} targets, {p.n_neurons} neurons, {escape(p.content_digest)})")
 
 
 def register(group: click.Group) -> None:

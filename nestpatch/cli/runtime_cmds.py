@@ -30,7 +30,8 @@ from ..runtime.chat import HELP, Chat, open_chat
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Refuse a patch not signed with this public key.")
-@click.option("--no-verify", is_flag=True, help="Skip the base-model fingerprint check (not recommended).")
+@click.option("--no-verify", "--skip-base-check", "no_verify", is_flag=True,
+              help="Skip the base-model fingerprint check (not recommended; needed for a patch without fingerprints).")
 def chat_cmd(model: str, patch: str | None, backend: str, patch_mode: str, system: str | None, max_new_tokens: int,
              history: bool | None, threads: int | None, n_ctx: int, device: str, dtype: str, pubkey: str | None,
              no_verify: bool) -> None:

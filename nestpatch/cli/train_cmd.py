@@ -94,8 +94,9 @@ def _render(result: Any) -> str:
               help="TOML file with any of the options below (flags given here override it).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT patch (without --resume).")
 @config_options
-def train_cmd(config_file: str | None, quiet: bool, as_json: bool, **kwargs: Any) -> None:
+def train_cmd(config_file: str | None, quiet: bool, as_json: bool, force: bool, **kwargs: Any) -> None:
     """Train a NeST safety policy for MODEL and write it to OUT (.nestpatch).
 
     \b
@@ -110,6 +111,11 @@ def train_cmd(config_file: str | None, quiet: bool, as_json: bool, **kwargs: Any
     given = _overrides(kwargs)
     cfg = cfg.merged(given)
     explicit = set(given) | (config_file_keys(config_file) if config_file else set())  # the model's recipe fills the rest
+    if cfg.out:
+        from . import inputs
+
+        inputs.guard_outputs([cfg.out], [inputs.model_location(cfg.model) if cfg.model else None, config_file],
+                             force=force, existing_ok=bool(cfg.resume))
     result = train_policy(cfg, progress=not quiet, explicit=explicit)
     if as_json:
         click.echo(json.dumps({

@@ -12,6 +12,8 @@ READABLE_MAJOR_VERSIONS = (1,)
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: Largest dimension accepted for any tensor axis (guards hostile shapes).
 MAX_DIM = 1 << 24
+#: Largest layer count (and layer index + 1) accepted: bounds per-layer tables and figures.
+MAX_LAYERS = 4096
 
 
 class Meta:

@@ -2,26 +2,51 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+from importlib import resources
 from typing import Any
 
 from ..errors import FormatError
 from .constants import (
-    FORMAT_NAME, READABLE_MAJOR_VERSIONS, T_CLUSTERS, T_DELTAS, T_INDICES, T_SCALES, T_SKETCH,
-    TENSOR_SUFFIXES, Doc, Meta, TargetKey, AXES,
+    FORMAT_NAME, INDEX_DTYPE, READABLE_MAJOR_VERSIONS, SKETCH_DTYPE, T_CLUSTERS, T_DELTAS, T_INDICES, T_SCALES,
+    T_SKETCH, TENSOR_SUFFIXES, Doc, Meta, TargetKey, AXES,
 )
 from .digest import content_digest
 from .patch import Patch, Target
-from .safetensors_io import SafetensorsFile
-from .validate import validate_patch
+from .safetensors_io import SafetensorsFile, strict_loads
+from .validate import canonical_target_name, validate_patch  # noqa: F401  (re-exported)
+
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_validator() -> Any:
+    """The JSON Schema of the metadata document (a copy of spec/metadata.schema.json; a test keeps them equal)."""
+    import jsonschema
+
+    schema = json.loads(resources.files(__package__).joinpath("metadata.schema.json").read_text("utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def check_schema(doc: Any, where: str) -> None:
+    """Raise :class:`FormatError` naming the first place ``doc`` breaks the metadata schema."""
+    import jsonschema
+
+    err = jsonschema.exceptions.best_match(_schema_validator().iter_errors(doc))
+    if err is not None:
+        loc = "/".join(str(x) for x in err.absolute_path) or "(document)"
+        msg = err.message if len(err.message) <= 160 else err.message[:157] + "..."
+        raise FormatError(f"{where}: metadata {loc}: {msg} (spec/metadata.schema.json)")
 
 
 def _version_major(path: Any, version: str) -> int:
-    try:
-        major = int(str(version).split(".")[0])
-    except ValueError:
-        raise FormatError(f"{path}: format version {version!r} is not of the form MAJOR.MINOR") from None
+    m = _VERSION_RE.match(version) if isinstance(version, str) else None
+    if m is None:
+        raise FormatError(f"{path}: format version {version!r} is not of the form MAJOR.MINOR")
+    major = int(m.group(1))
     if major not in READABLE_MAJOR_VERSIONS:
         readable = ", ".join(f"{m}.x" for m in READABLE_MAJOR_VERSIONS)
         raise FormatError(f"{path}: format version {version} is not supported; this nestpatch reads {readable}")
@@ -37,15 +62,12 @@ def read_document(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:
     if Meta.VERSION not in meta:
         raise FormatError(f"{path}: metadata lacks {Meta.VERSION!r}")
     _version_major(path, meta[Meta.VERSION])
-    try:
-        doc = json.loads(meta.get(Meta.DOCUMENT, ""))
-    except (json.JSONDecodeError, RecursionError):
-        raise FormatError(f"{path}: metadata {Meta.DOCUMENT!r} is not valid JSON") from None
+    if Meta.DOCUMENT not in meta:
+        raise FormatError(f"{path}: metadata lacks {Meta.DOCUMENT!r}")
+    doc = strict_loads(meta[Meta.DOCUMENT], f"{path}: metadata {Meta.DOCUMENT!r}")
     if not isinstance(doc, dict) or not isinstance(doc.get(Doc.TARGETS), list):
         raise FormatError(f"{path}: metadata document lacks a 'targets' list")
-    for key in (Doc.BASE, Doc.POLICY, Doc.PROVENANCE, Doc.EVALUATION):
-        if not isinstance(doc.get(key, {}), dict):
-            raise FormatError(f"{path}: metadata {key!r} must be an object")
+    check_schema(doc, str(path))
     return st, doc
 
 
@@ -77,10 +99,21 @@ def read_patch(path: str | os.PathLike, *, verify_digest: bool = True) -> Patch:
             key = f"{name}/{suffix}"
             return st.get(key) if key in st.entries else None
         deltas_dtype = st.dtype(f"{name}/{T_DELTAS}")
-        if st.dtype(f"{name}/{T_INDICES}") != "I32" or st.dtype(f"{name}/{T_CLUSTERS}") != "I32":
+        if st.dtype(f"{name}/{T_INDICES}") != INDEX_DTYPE or st.dtype(f"{name}/{T_CLUSTERS}") != INDEX_DTYPE:
             raise FormatError(f"{path}: target {name!r}: indices and clusters must be I32")
         if deltas_dtype not in ("F32", "F16", "BF16"):
             raise FormatError(f"{path}: target {name!r}: deltas dtype {deltas_dtype} invalid, expected F32, F16 or BF16")
+        if entry.get(TargetKey.DELTA_DTYPE) != deltas_dtype:
+            raise FormatError(f"{path}: target {name!r}: delta_dtype {entry.get(TargetKey.DELTA_DTYPE)!r} in the metadata, "
+                              f"but the deltas tensor is {deltas_dtype}")
+        k_stored = st.entries[f"{name}/{T_DELTAS}"][1][0] if st.entries[f"{name}/{T_DELTAS}"][1] else None
+        if entry.get(TargetKey.N_CLUSTERS) != k_stored:
+            raise FormatError(f"{path}: target {name!r}: n_clusters {entry.get(TargetKey.N_CLUSTERS)!r} in the metadata, "
+                              f"but the deltas tensor holds {k_stored} rows")
+        if f"{name}/{T_SCALES}" in st.entries and st.dtype(f"{name}/{T_SCALES}") != deltas_dtype:
+            raise FormatError(f"{path}: target {name!r}: scales are {st.dtype(f'{name}/{T_SCALES}')}, must match the deltas ({deltas_dtype})")
+        if f"{name}/{T_SKETCH}" in st.entries and st.dtype(f"{name}/{T_SKETCH}") != SKETCH_DTYPE:
+            raise FormatError(f"{path}: target {name!r}: base_sketch is {st.dtype(f'{name}/{T_SKETCH}')}, must be {SKETCH_DTYPE}")
         for suffix in TENSOR_SUFFIXES:
             expected_names.add(f"{name}/{suffix}")
         targets.append(Target(

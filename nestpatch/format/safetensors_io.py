@@ -30,6 +30,48 @@ _DTYPES: dict[str, np.dtype] = {
 }
 
 
+class _JSONReject(ValueError):
+    """A JSON text that parses but breaks the strict rules (duplicate key, NaN/Infinity)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _JSONReject(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _JSONReject(f"non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise _JSONReject(f"number {text[:20]} is out of range (not a finite double)")
+    return x
+
+
+def strict_loads(text: str | bytes, where: str) -> Any:
+    """``json.loads`` that refuses duplicate keys and NaN/Infinity anywhere (FormatError naming ``where``).
+
+    A duplicate key is how two readers come to see two different documents (the first or the
+    last value wins), which is exactly what a signature must not allow.
+    """
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float)
+    except _JSONReject as e:
+        raise FormatError(f"{where}: {e}") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{where}: not valid UTF-8") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise FormatError(f"{where}: not valid JSON ({type(e).__name__})") from None
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16) to float32 exactly."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -100,16 +142,16 @@ class SafetensorsFile:
         if size < 8:
             raise FormatError(f"{self.path}: truncated: {size} bytes, expected at least an 8-byte header length")
         with open(self.path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if head[:4] == b"GGUF":
+                raise FormatError(f"{self.path}: this is a GGUF model, not a .nestpatch file; did you swap MODEL and PATCH?")
+            (hlen,) = struct.unpack("<Q", head)
             if hlen > MAX_HEADER_BYTES:
                 raise FormatError(f"{self.path}: header length {hlen} exceeds the limit of {MAX_HEADER_BYTES} bytes")
             if 8 + hlen > size:
                 raise FormatError(f"{self.path}: truncated: header claims {hlen} bytes, file has {size - 8} after the length")
             hraw = f.read(hlen)
-        try:
-            header = json.loads(hraw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise FormatError(f"{self.path}: header is not valid UTF-8 JSON ({type(e).__name__})") from None
+        header = strict_loads(hraw, f"{self.path}: header")
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
         meta = header.pop("__metadata__", {}) or {}

@@ -5,7 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from .constants import AXES, DELTA_DTYPES, MAX_DIM
+from .constants import AXES, DELTA_DTYPES, MAX_DIM, MAX_LAYERS
+
+#: A sketch has S projections plus the norm; S is capped so no file can size a large allocation.
+MAX_SKETCH_COLUMNS = 65
+
+
+def canonical_target_name(name: str) -> str:
+    """The weight a target name addresses: ``layers.0.mlp.up_proj.weight`` and
+    ``model.layers.0.mlp.up_proj.weight`` are one weight, so uniqueness is checked on this."""
+    from ..errors import UnsupportedError
+    from ..models.naming import parse_hf_name
+
+    try:
+        return parse_hf_name(name).hf_name
+    except UnsupportedError:
+        return name
 from .patch import Patch, Target
 
 
@@ -48,8 +63,8 @@ def validate_target(t: Target, where: str = "") -> None:
             raise FormatError(f"{w}: scales contain NaN or infinite values")
     if t.base_sketch is not None:
         sk = np.asarray(t.base_sketch)
-        if sk.ndim != 2 or sk.shape[0] != n:
-            raise FormatError(f"{w}: base_sketch shape {sk.shape} does not match {n} neurons")
+        if sk.ndim != 2 or sk.shape[0] != n or not 2 <= sk.shape[1] <= MAX_SKETCH_COLUMNS:
+            raise FormatError(f"{w}: base_sketch shape {sk.shape} invalid, expected ({n}, S+1) with 1 <= S <= {MAX_SKETCH_COLUMNS - 1}")
         if not np.isfinite(sk).all():
             raise FormatError(f"{w}: base_sketch contains NaN or infinite values")
 
@@ -58,9 +73,45 @@ def validate_patch(p: Patch, where: str = "") -> None:
     """Validate every target and the cross-target invariants (unique names, non-empty)."""
     if not p.targets:
         raise FormatError(f"{where}patch has no targets")
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for t in p.targets:
-        if t.name in seen:
-            raise FormatError(f"{where}target {t.name!r} appears twice")
-        seen.add(t.name)
+        canon = canonical_target_name(t.name)
+        if canon in seen:
+            what = "appears twice" if seen[canon] == t.name else f"and {seen[canon]!r} address the same weight {canon}"
+            raise FormatError(f"{where}target {t.name!r} {what}")
+        seen[canon] = t.name
         validate_target(t, where)
+    check_against_base(p, where)
+
+
+def check_against_base(p: Patch, where: str = "") -> None:
+    """MUSTs that tie targets to ``base``: each addresses one MLP weight, with its module's axis, a
+    layer below ``n_layers`` and the shape ``d_model``/``n_ff`` give; sketches have ``size + 1`` columns."""
+    from ..errors import UnsupportedError
+    from ..models.naming import parse_hf_name
+
+    base = p.base if isinstance(p.base, dict) else {}
+    d_model, n_ff, n_layers = base.get("d_model"), base.get("n_ff"), base.get("n_layers")
+    for t in p.targets:
+        try:
+            ref = parse_hf_name(t.name)
+        except UnsupportedError as e:  # a fused/MoE or non-MLP name: unsupported, refused the same way
+            raise UnsupportedError(f"{where}target {t.name!r}: {e}") from None
+        if t.axis != ref.axis:
+            raise FormatError(f"{where}target {t.name!r}: axis {t.axis!r}, but {ref.module} holds its neurons on axis {ref.axis!r}")
+        if isinstance(n_layers, int) and ref.layer >= n_layers:
+            raise FormatError(f"{where}target {t.name!r}: layer {ref.layer} >= base.n_layers {n_layers}")
+        if ref.layer >= MAX_LAYERS:
+            raise FormatError(f"{where}target {t.name!r}: layer {ref.layer} is beyond the {MAX_LAYERS} layers a model may have")
+        if isinstance(d_model, int) and isinstance(n_ff, int):
+            want = (n_ff, d_model) if ref.module in ("gate_proj", "up_proj") else (d_model, n_ff)
+            if tuple(t.shape) != want:
+                raise FormatError(f"{where}target {t.name!r}: shape {list(t.shape)} does not match base "
+                                  f"d_model {d_model} / n_ff {n_ff} (expected {list(want)})")
+    fp = base.get("fingerprint")
+    size = fp.get("size") if isinstance(fp, dict) else None
+    if isinstance(size, int):
+        for t in p.targets:
+            if t.base_sketch is not None and np.asarray(t.base_sketch).shape[1] != size + 1:
+                raise FormatError(f"{where}target {t.name!r}: base_sketch has {np.asarray(t.base_sketch).shape[1]} "
+                                  f"columns, base.fingerprint.size {size} needs {size + 1}")

@@ -86,6 +86,42 @@ def _with_doc(data: bytes, mutate) -> bytes:
     return struct.pack("<Q", len(h)) + h + data[8 + n:]
 
 
+def _with_doc_text(data: bytes, edit) -> bytes:
+    """Rewrite the metadata document's JSON *text* (for what a JSON library would hide)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"][Meta.DOCUMENT] = edit(header["__metadata__"][Meta.DOCUMENT])
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + data[8 + n:]
+
+
+def _alias_names(good: bytes) -> bytes:
+    """The one target again under another spelling of its name (same weight twice), digest right."""
+    from nestpatch.format.digest import content_digest
+    from nestpatch.format.safetensors_io import SafetensorsFile, dumps
+
+    tmp = HERE / "invalid" / ".alias.tmp"
+    tmp.write_bytes(good)
+    st = SafetensorsFile(tmp)
+    tensors = {n: (st.dtype(n), np.array(st.get(n))) for n in st.entries}
+    tmp.unlink()
+    doc = json.loads(st.metadata[Meta.DOCUMENT])
+    first = doc["targets"][0]
+    alias = dict(first, name=first["name"].removeprefix("model."))
+    doc["targets"].append(alias)
+    for n in list(tensors):
+        if n.startswith(first["name"] + "/"):
+            tensors[alias["name"] + n[len(first["name"]):]] = tensors[n]
+    from nestpatch.format.safetensors_io import encode_array
+
+    doc["content_digest"] = content_digest(
+        (n, dt, tuple(a.shape), encode_array(a, dt)) for n, (dt, a) in sorted(tensors.items()))
+    meta = dict(st.metadata)
+    meta[Meta.DOCUMENT] = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return dumps(tensors, meta)
+
+
 def invalid_files(good: bytes) -> dict[str, tuple[bytes, str]]:
     def set_version(h, d):
         h["__metadata__"][Meta.VERSION] = "2.0"
@@ -95,6 +131,15 @@ def invalid_files(good: bytes) -> dict[str, tuple[bytes, str]]:
 
     def bad_axis(h, d):
         d["targets"][0]["axis"] = "diagonal"
+
+    def set_version_3(h, d):
+        h["__metadata__"][Meta.VERSION] = "1.0.0"
+
+    def n_layers_string(h, d):
+        d["base"]["n_layers"] = "2"
+
+    def huge_size(h, d):
+        d["base"]["fingerprint"]["size"] = 1 << 26
 
     def index_out_of_range(h, d):
         d["targets"][0]["shape"] = [3, 8]
@@ -107,6 +152,13 @@ def invalid_files(good: bytes) -> dict[str, tuple[bytes, str]]:
         "bad_axis": (_with_doc(good, bad_axis), "axis"),
         "index_out_of_range": (_with_doc(good, index_out_of_range), "indices must lie in"),
         "not_a_patch": (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "not a nestpatch file"),
+        "duplicate_key": (_with_doc_text(good, lambda t: t.replace('"policy":', '"policy":{},"policy":', 1)), "duplicate key"),
+        "nan_number": (_with_doc_text(good, lambda t: t.replace('"tolerance":0.35', '"tolerance":NaN', 1)), "non-finite"),
+        "version_not_major_minor": (_with_doc(good, set_version_3), "MAJOR.MINOR"),
+        "schema_violation": (_with_doc(good, n_layers_string), "base/n_layers"),
+        "huge_fingerprint_size": (_with_doc(good, huge_size), "base/fingerprint/size"),
+        "alias_target_names": (_alias_names(good), "address the same weight"),
+        "gguf_model": (b"GGUF\x03\x00\x00\x00" + bytes(16), "this is a GGUF model"),
     }
 
 
