@@ -103,9 +103,6 @@ class GGUFLayout:
                 return e.value
         return default
 
-    def has_key(self, key: str) -> bool:
-        return any(e.key == key for e in self.kvs)
-
     def tensor(self, name: str) -> TensorInfo | None:
         for t in self.tensors:
             if t.name == name:

@@ -22,13 +22,14 @@ from typing import Any, Sequence
 from ..atomic import atomic_dir
 from ..errors import InputError
 from ..models.loading import LoadedModel
+from ..models.naming import MODULE_AXIS
 from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
 from .data import load_method_inputs
 from .loop import run_trainer
 
 log = logging.getLogger(__name__)
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+MLP_MODULES = tuple(MODULE_AXIS)  # gate_proj, up_proj, down_proj
 
 #: Method options and their defaults (the registry fills them in).
 DEFAULTS: dict[str, Any] = {"steps": None, "lr": 5e-4, "rank": 8, "alpha": 16.0, "modules": list(MLP_MODULES), "warmup_steps": None}

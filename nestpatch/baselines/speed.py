@@ -13,7 +13,6 @@ import logging
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,6 +93,3 @@ def measure(decoders: dict[str, Any], *, new_tokens: int = 64, rounds: int = 3, 
     return {k: {"tokens_per_s": round(statistics.median(v), 2), "rounds": [round(x, 2) for x in v],
                 "backend": decoders[k].backend, "new_tokens": new_tokens} for k, v in per.items()}
 
-
-def gguf_decoders(paths: dict[str, Path], n_threads: int | None = None) -> dict[str, LlamaDecoder]:
-    return {k: LlamaDecoder(p, n_threads=n_threads) for k, p in paths.items()}
