@@ -49,6 +49,7 @@ from nestpatch.format.constants import AXIS_ROW, BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.validate import validate_patch
 from nestpatch.format.writer import compute_digest
+from nestpatch.models.files import describe_gguf
 from nestpatch.models.naming import check_architecture, parse_hf_name
 
 from . import gguf_codecs as codecs
@@ -112,21 +113,9 @@ def candidate_types(t: QType, n: int, precision: str) -> list[QType]:
 
 
 def _description(layout: GGUFLayout, label: str) -> dict:
-    arch = layout.kv("general.architecture")
-    if not isinstance(arch, str):
-        raise FormatError(f"{label}: GGUF has no general.architecture")
-    check_architecture(arch, label)
-
-    def num(key: str) -> int | None:
-        v = layout.kv(f"{arch}.{key}")
-        if v is None:
-            return None
-        if isinstance(v, np.ndarray):  # per-layer values (some architectures): only a constant compares
-            return int(v[0]) if v.size and bool((v == v[0]).all()) else None
-        return int(v)
-
-    return {BaseKey.ARCHITECTURE: arch, BaseKey.D_MODEL: num("embedding_length"), BaseKey.N_FF: num("feed_forward_length"),
-            BaseKey.N_LAYERS: num("block_count")}
+    desc = describe_gguf(layout, label)
+    check_architecture(desc[BaseKey.ARCHITECTURE], label)
+    return desc
 
 
 def _locate(layout: GGUFLayout, t: Target, label: str) -> Region:

@@ -25,18 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from nestpatch import __version__
-from nestpatch.assets import resolve_model
 from nestpatch.atomic import atomic_dir, atomic_path
-from nestpatch.errors import BaseMismatchError, InputError, UnsupportedError
+from nestpatch.errors import InputError, UnsupportedError
 from nestpatch.fingerprint import check_base, check_description
-from nestpatch.format.constants import AXIS_ROW, BaseKey, PolicyKey
+from nestpatch.format.constants import BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.safetensors_io import dumps
 from nestpatch.format.writer import compute_digest
+from nestpatch.models.files import open_model
 from nestpatch.models.naming import check_architecture, hf_to_gguf, parse_hf_name
 
 from .provenance import FoldKey
-from .safetensors_layout import describe_config, discover
 
 log = logging.getLogger(__name__)
 
@@ -69,57 +68,16 @@ def _patch_digest(patch: Patch) -> str:
 # ------------------------------------------------------------------------------------------ bases
 
 
-def _gguf_base(path: Path, patch: Patch) -> str:
-    """Check ``patch`` against a GGUF base (sizes, shapes, fingerprint); return its architecture.
-
-    Reads only the header (gguf_layout, no tokenizer decoding) and the touched tensors' bytes.
-    """
-    import mmap
-
-    from . import gguf_codecs as codecs
-    from .gguf_layout import parse_layout
-
-    layout = parse_layout(path)
-    arch = str(layout.kv("general.architecture") or "")
-    desc = {BaseKey.D_MODEL: layout.kv(f"{arch}.embedding_length"), BaseKey.N_FF: layout.kv(f"{arch}.feed_forward_length"),
-            BaseKey.N_LAYERS: layout.kv(f"{arch}.block_count")}
-    check_description(patch, {k: int(v) for k, v in desc.items() if v is not None}, str(path))
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-
-        def vectors(t: Target) -> np.ndarray:
-            gname = hf_to_gguf(t.name)
-            info = layout.tensor(gname)
-            if info is None:
-                raise BaseMismatchError(f"{path}: has no tensor {gname} (patch target {t.name})")
-            if info.shape != tuple(t.shape):
-                raise BaseMismatchError(f"{path}: tensor {gname} has shape {list(info.shape)}, the patch expects {list(t.shape)}")
-            raw = np.frombuffer(mm, np.uint8, info.nbytes, layout.data_start + info.offset).reshape(info.n_rows, info.row_bytes)
-            idx = np.asarray(t.indices, np.int64)
-            if t.axis == AXIS_ROW:
-                return codecs.dequantize_rows(raw[idx], info.qtype, info.row_len)  # (n, in)
-            return codecs.dequantize_rows(raw, info.qtype, info.row_len)[:, idx].T.copy()  # (n, out)
-
-        try:
-            check_base(patch, vectors, str(path))
-        finally:
-            del vectors  # drop numpy views before the map closes
-    return arch
-
-
 def check_against_base(patch: Patch, base: str | os.PathLike) -> tuple[Path, str | None]:
-    """Refuse a base the patch was not made for. Returns the base path and its GGUF arch (if GGUF)."""
-    path = resolve_model(base)
-    if not path.exists():
-        raise InputError(f"{path}: no such base model")
-    if path.is_file() and path.suffix == ".gguf":
-        return path, _gguf_base(path, patch)
-    layout = discover(path)
-    try:
-        check_description(patch, describe_config(layout.config()), str(path))
-        check_base(patch, layout.neuron_vectors, str(path))
-    finally:
-        layout.close()
-    return path, None
+    """Refuse a base the patch was not made for. Returns the base path and its GGUF arch (if GGUF).
+
+    Reads only headers and the touched tensors' bytes.
+    """
+    with open_model(base) as model:
+        desc = model.describe()
+        check_description(patch, desc, str(model.path))
+        check_base(patch, model.neuron_vectors, str(model.path))
+        return model.path, (str(desc.get(BaseKey.ARCHITECTURE) or "") if model.format == "gguf" else None)
 
 
 def gguf_architecture(patch: Patch) -> str:

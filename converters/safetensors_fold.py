@@ -43,7 +43,7 @@ from nestpatch.format.writer import compute_digest
 
 from .provenance import FoldKey
 from .report import FoldReport, TargetFold, retention_stats
-from .safetensors_layout import ITEMSIZE, ModelLayout, Shard, describe_config, discover, encode_header, gather, parse_shard, to_f32
+from nestpatch.models.files import ITEMSIZE, ModelLayout, Shard, describe_config, discover, encode_header, gather, parse_shard, to_f32
 
 log = logging.getLogger(__name__)
 

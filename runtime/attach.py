@@ -21,8 +21,9 @@ import numpy as np
 
 from nestpatch.errors import BaseMismatchError, InputError, UnsupportedError
 from nestpatch.fingerprint import check_base, check_description
-from nestpatch.format.constants import AXIS_ROW, BaseKey
+from nestpatch.format.constants import AXIS_ROW
 from nestpatch.format.patch import Patch, Target
+from nestpatch.models.files import describe_hf_config
 from nestpatch.models.naming import parse_hf_name
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,6 @@ def resolve_parameter(model: Any, name: str) -> Any:
 
 def _model_label(model: Any) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
-
-
-def _model_description(model: Any) -> dict:
-    """Sizes of a transformers model, for the cheap check before the fingerprint."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    out = {}
-    for key, attr in ((BaseKey.D_MODEL, "hidden_size"), (BaseKey.N_FF, "intermediate_size"), (BaseKey.N_LAYERS, "num_hidden_layers")):
-        val = getattr(text, attr, None)
-        if isinstance(val, int):
-            out[key] = val
-    return out
 
 
 def verify_signature(patch: Patch | str | os.PathLike, public_key: Any) -> None:
@@ -198,7 +185,7 @@ def attach(model: Any, patch: Patch, *, verify_base: bool = True, require_signat
             raise UnsupportedError(f"{label}: tensor {t.name} is offloaded (meta device); attach needs the weights in memory")
     errors: dict[str, float] = {}
     if verify_base:
-        check_description(patch, _model_description(model), label)
+        check_description(patch, describe_hf_config(getattr(model, "config", None)), label)
         errors = check_base(patch, lambda t: _vectors(params[t.name], t), label)
 
     handle = AttachHandle(model=model, patch=patch, fingerprint_errors=errors)

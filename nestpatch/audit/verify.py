@@ -39,7 +39,7 @@ from ..format.constants import AXIS_ROW, SKETCH_SIZE, SKETCH_TOLERANCE, BaseKey,
 from ..format.patch import Patch, Target
 from ..format.reader import read_patch
 from ..format.writer import compute_digest
-from .modelfiles import ModelFile, neuron_vectors, open_model
+from ..models.files import ModelFile, neuron_vectors, open_model
 
 log = logging.getLogger(__name__)
 
