@@ -48,9 +48,9 @@ from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import AXIS_ROW, BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.validate import validate_patch
-from nestpatch.format.writer import compute_digest
 from nestpatch.models.files import describe_gguf
 from nestpatch.models.naming import check_architecture, parse_hf_name
+from nestpatch.provenance import patch_digest
 
 from . import gguf_codecs as codecs
 from .gguf_io import CHUNK_BYTES, BackgroundWriter, FileHasher, pread_exact, pwrite_all
@@ -371,7 +371,7 @@ def _kv_entries(patch: Patch, precision: str, targets: list[str], revert: dict, 
     """The appended KV bytes, their count, and the offset (within them) of the source hash value."""
     pol = patch.policy or {}
     items = [
-        (FoldKey.PATCH_DIGEST, patch.content_digest or compute_digest(patch)),
+        (FoldKey.PATCH_DIGEST, patch_digest(patch)),
         (FoldKey.POLICY_NAME, str(pol.get(PolicyKey.NAME, ""))),
         (FoldKey.POLICY_VERSION, str(pol.get(PolicyKey.VERSION, ""))),
         (FoldKey.TOOL_VERSION, __version__),
@@ -591,7 +591,7 @@ def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], ou
             hasher.cancel()
         tick.close()
 
-    report = FoldReport(model_in=str(layout.path), model_out=str(out_path), patch_digest=patch.content_digest or compute_digest(patch),
+    report = FoldReport(model_in=str(layout.path), model_out=str(out_path), patch_digest=patch_digest(patch),
                         format="gguf", precision=precision, bytes_in=layout.file_size, bytes_out=total)
     for reg in regions:
         s = slot_of[reg.info.name]

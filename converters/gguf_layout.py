@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from nestpatch.errors import FormatError, UnsupportedError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-ALIGNMENT_KEY = "general.alignment"
+ALIGNMENT_KEY = Keys.General.ALIGNMENT
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",

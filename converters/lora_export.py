@@ -31,8 +31,8 @@ from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.safetensors_io import dumps
-from nestpatch.format.writer import compute_digest
 from nestpatch.models.files import open_model
+from nestpatch.provenance import patch_digest
 from nestpatch.models.naming import check_architecture, hf_to_gguf, parse_hf_name
 
 from .provenance import FoldKey
@@ -59,10 +59,6 @@ def padded_factors(t: Target, rank: int) -> tuple[np.ndarray, np.ndarray]:
     bp[:, :k] = b
     ap[:k, :] = a
     return bp, ap
-
-
-def _patch_digest(patch: Patch) -> str:
-    return patch.content_digest or compute_digest(patch)
 
 
 # ------------------------------------------------------------------------------------------ bases
@@ -128,7 +124,7 @@ def export_gguf_lora(patch: Patch, out_path: str | os.PathLike, *, base: str | o
         if base_label:
             w.add_base_model_count(1)
             w.add_base_model_name(0, base_label)
-        w.add_string(FoldKey.PATCH_DIGEST, _patch_digest(patch))
+        w.add_string(FoldKey.PATCH_DIGEST, patch_digest(patch))
         w.add_string(FoldKey.POLICY_NAME, str(patch.policy.get(PolicyKey.NAME, "")))
         w.add_string(FoldKey.POLICY_VERSION, str(patch.policy.get(PolicyKey.VERSION, "")))
         w.add_string(FoldKey.TOOL_VERSION, __version__)
@@ -198,7 +194,7 @@ def export_peft(patch: Patch, out_dir: str | os.PathLike, *, base: str | os.Path
         module = t.name[: -len(".weight")]
         tensors[f"base_model.model.{module}.lora_A.weight"] = ("F32", a)
         tensors[f"base_model.model.{module}.lora_B.weight"] = ("F32", b)
-    meta = {"format": "pt", FoldKey.PATCH_DIGEST: _patch_digest(patch), FoldKey.TOOL_VERSION: __version__,
+    meta = {"format": "pt", FoldKey.PATCH_DIGEST: patch_digest(patch), FoldKey.TOOL_VERSION: __version__,
             FoldKey.POLICY_NAME: str(patch.policy.get(PolicyKey.NAME, "")),
             FoldKey.POLICY_VERSION: str(patch.policy.get(PolicyKey.VERSION, ""))}
     out = Path(out_dir)

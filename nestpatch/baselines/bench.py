@@ -33,6 +33,8 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import InputError, TrainingError
+from ..models.files import is_gguf
+from ..provenance import library_versions
 from ..train.config import TrainConfig
 from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, read_json, run_job, write_json)
 from .registry import get_method
@@ -126,18 +128,6 @@ class BenchConfig:
         if self.threads:
             over["threads"] = int(self.threads)
         return tc.merged(over).resolved()
-
-
-def library_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("nestpatch", "torch", "transformers", "peft", "numpy", "safetensors", "gguf", "llama-cpp-python", "scikit-learn"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def machine() -> dict[str, Any]:
@@ -260,7 +250,7 @@ def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads
     decoders: dict[str, Any] = {}
     try:
         for name in names:
-            path, kind = (base_path, "gguf" if base_path.suffix == ".gguf" else "hf") if name == BASE else \
+            path, kind = (base_path, "gguf" if is_gguf(base_path) else "hf") if name == BASE else \
                 (Path(entries[name]["path"]), entries[name]["kind"])
             if kind == "gguf":
                 try:
