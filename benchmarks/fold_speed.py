@@ -38,7 +38,7 @@ def write_synthetic_gguf(path: Path, *, n_layers: int, d_model: int, n_ff: int, 
     from gguf import GGUFValueType
 
     from nestpatch.converters import gguf_codecs as codecs
-    from nestpatch.converters.gguf_layout import align, encode_kv, encode_tensor_info, header_prefix, tensor_nbytes
+    from nestpatch.models.gguf_layout import align, encode_kv, encode_tensor_info, header_prefix, tensor_nbytes
 
     qt = codecs.qtype_of(qtype)
     f32 = codecs.QType.F32

@@ -38,7 +38,7 @@ def realistic_patch_from_gguf(path: Path, *, seed: int = 0, neurons: int = 6, cl
     were 0.6-0.7x the row norm). Base description and fingerprint sketches come from the file.
     """
     from nestpatch.converters import gguf_codecs as codecs
-    from nestpatch.converters.gguf_layout import parse_layout
+    from nestpatch.models.gguf_layout import parse_layout
     from nestpatch.fingerprint import attach_sketches, fingerprint_info
     from nestpatch.format import Patch, Target
     from nestpatch.format.constants import AXIS_ROW, BaseKey

@@ -24,7 +24,7 @@ writes) lets revert prove the result.
 Numbers: arithmetic in float32 on dequantized blocks; F32/F16/BF16 and the legacy quants
 (gguf-py) and K-quants (libggml via ctypes) are re-encoded in place; any other type is decoded by
 gguf-py and stored as Q8_0 (F16 where rows are not a multiple of 32). Retention per target
-follows :mod:`converters.report`.
+follows :mod:`converters.fold_report`.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ from nestpatch.provenance import patch_digest
 
 from . import gguf_codecs as codecs
 from .gguf_io import CHUNK_BYTES, BackgroundWriter, FileHasher, pread_exact, pwrite_all
-from .gguf_layout import GGUFLayout, TensorInfo, align, encode_kv, encode_tensor_info, header_prefix, parse_layout, tensor_nbytes
+from nestpatch.models.gguf_layout import GGUFLayout, TensorInfo, align, encode_kv, encode_tensor_info, header_prefix, parse_layout, tensor_nbytes
 from .gguf_region import (
     Region, add_region_delta, apply_chunk_delta, decode_blocks, encode_blocks, iter_row_chunks, make_region, neuron_vectors,
     read_region, read_rows,
 )
 from .gguf_revert import REVERT_VERSION, revert_gguf
 from .provenance import FoldKey
-from .report import FoldReport, TargetFold, retention_stats
+from .fold_report import FoldReport, TargetFold, retention_stats
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _locate(layout: GGUFLayout, t: Target, label: str) -> Region:
 
 
 def _retention(reg: Region, realized: np.ndarray) -> tuple[float, float]:
-    """:func:`converters.report.retention_stats` of a region's realized change (consumed: modified).
+    """:func:`converters.fold_report.retention_stats` of a region's realized change (consumed: modified).
 
     For a col-axis target the intended delta is zero outside the patched columns: the dot
     products need those columns only, and the rest of the region adds ``||realized||^2`` to the

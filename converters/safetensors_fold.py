@@ -43,7 +43,7 @@ from nestpatch.models.files import ITEMSIZE, ModelLayout, Shard, describe_config
 from nestpatch.provenance import patch_digest
 
 from .provenance import FoldKey
-from .report import FoldReport, TargetFold, retention_stats
+from .fold_report import FoldReport, TargetFold, retention_stats
 
 log = logging.getLogger(__name__)
 

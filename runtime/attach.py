@@ -183,10 +183,7 @@ def attach(model: Any, patch: Patch, *, verify_base: bool = True, require_signat
             raise BaseMismatchError(f"{label}: tensor {t.name}: model shape {tuple(p.shape)} != patch shape {tuple(t.shape)}")
         if p.device.type == "meta":
             raise UnsupportedError(f"{label}: tensor {t.name} is offloaded (meta device); attach needs the weights in memory")
-    errors: dict[str, float] = {}
-    if verify_base:
-        check_description(patch, describe_hf_config(getattr(model, "config", None)), label)
-        errors = check_base(patch, lambda t: _vectors(params[t.name], t), label)
+    errors = check_model_base(model, patch, label, params) if verify_base else {}
 
     handle = AttachHandle(model=model, patch=patch, fingerprint_errors=errors)
     try:
@@ -229,6 +226,19 @@ def _restore_partial(handle: AttachHandle) -> None:
             _write(s.param, s.index, s.target.axis, s.original)
     handle._saved.clear()
     handle._attached = False
+
+
+def check_model_base(model: Any, patch: Patch, label: str | None = None, params: dict[str, Any] | None = None) -> dict[str, float]:
+    """Refuse a live torch model the patch was not made for (sizes, then fingerprint); return the error per target.
+
+    Raises:
+        BaseMismatchError: the patch was made for another model.
+        UnsupportedError: the model lacks a tensor the patch names.
+    """
+    label = label or _model_label(model)
+    params = params if params is not None else {t.name: resolve_parameter(model, t.name) for t in patch.targets}
+    check_description(patch, describe_hf_config(getattr(model, "config", None)), label)
+    return check_base(patch, lambda t: _vectors(params[t.name], t), label)
 
 
 def _vectors(param: Any, target: Target) -> np.ndarray:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from nestpatch.cli import cli
 from nestpatch.errors import InputError
 from nestpatch.evaluate import EvalOptions, Verdict, evaluate_torch_model, load_suite, register_judge, run_suites
-from nestpatch.evaluate.report import render_markdown
+from nestpatch.evaluate.run_digest import render_markdown
 from nestpatch.format import write_patch
 from nestpatch.testing.pico import random_patch
 

@@ -16,7 +16,7 @@ from gguf import GGUFWriter
 
 from nestpatch.converters import gguf_codecs as codecs
 from nestpatch.converters.gguf_fold import candidate_types, fold_gguf, revert_gguf
-from nestpatch.converters.gguf_layout import parse_layout
+from nestpatch.models.gguf_layout import parse_layout
 from nestpatch.converters.provenance import FoldKey
 from nestpatch.errors import BaseMismatchError, FormatError, InputError, UnsupportedError
 from nestpatch.format import Target, write_patch

@@ -55,7 +55,7 @@ def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: boo
     a, b = read_patch(patch_a), read_patch(patch_b)
     result = diff_patches(a, b, labels=(patch_a, patch_b), top=top)
     if behaviour:
-        from ..audit.behaviour import behaviour_diff
+        from ..evaluate.behaviour import behaviour_diff
 
         names = [x for s in suites for x in s.split(",") if x]
         result["behaviour"] = behaviour_diff(patch_a, patch_b, model=model, suites=names, limit=limit, device=device,
@@ -133,7 +133,7 @@ def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: b
               help="A fold report JSON (repeatable): adds retention per target.")
 def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...]) -> None:
     """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
-    from ..audit.report import write_report
+    from ..audit.html_report import write_report
 
     res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports)
     click.echo(f"wrote {res.html} ({len(res.pngs)} figures: {', '.join(p.name for p in res.pngs)})")

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..provenance import text_digest
-from .judges import Verdict
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from ..provenance import library_versions, model_digest, patch_digest, text_dige
 from .backends import Backend, LlamaBackend, TorchBackend, VariantFactory
 from .judges import Judge, make_judge
 from .records import RecordWriter, read_records
-from .report import render_markdown
+from .run_digest import render_markdown
 from .suites import Suite, load_suites
 from .utility import kl_records, nll_records, summarize_utility
 
@@ -520,15 +520,13 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
     judges = build_judges(opts)
     be: Backend
     if backend == "torch":
-        from ..fingerprint import check_base, check_description
         from ..models.loading import load_model
 
         loaded = load_model(path, device=opts.device, dtype=opts.dtype)
         if patch is not None:
-            from nestpatch.runtime.attach import _model_description, _vectors, resolve_parameter
+            from nestpatch.runtime.attach import check_model_base
 
-            check_description(patch, _model_description(loaded.model), str(path))
-            check_base(patch, lambda t: _vectors(resolve_parameter(loaded.model, t.name), t), str(path))
+            check_model_base(loaded.model, patch, str(path))
         be = TorchBackend.for_patch(loaded.model, loaded.tokenizer, patch, variants, batch_size=opts.batch_size)
         model_desc = {"spec": str(model_spec), "path": str(path), "sha256": model_digest(path), "description": loaded.description}
     elif backend in ("llama", "llama.cpp"):

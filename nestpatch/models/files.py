@@ -9,7 +9,7 @@ maps, so reading the touched rows of a 10 GB shard reads a few pages.
 Why not ``safetensors.safe_open``: the fold must keep every byte it does not change, so it needs
 the exact header bytes and data offsets of each shard, and it must read bfloat16 rows without
 torch (numpy has no bfloat16). Why not gguf-py's GGUFReader: it decodes every tokenizer string
-up front (~10 s on a 49k-token vocabulary, against ~0.3 s for :mod:`..converters.gguf_layout`).
+up front (~10 s on a 49k-token vocabulary, against ~0.3 s for :mod:`.gguf_layout`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..errors import BaseMismatchError, FormatError, InputError, UnsupportedErro
 from ..format.constants import AXIS_ROW, BaseKey
 from ..format.patch import Target
 from ..format.safetensors_io import bf16_to_f32
+from .gguf_layout import parse_layout
 from .naming import hf_to_gguf, parse_hf_name
 
 log = logging.getLogger(__name__)
@@ -406,13 +407,11 @@ class ModelFile:
 
 
 class GGUFModel(ModelFile):
-    """A GGUF file through the converters' header parser (spans of every entry, no tokenizer decoding)."""
+    """A GGUF file through the layout parser (:mod:`.gguf_layout`) (spans of every entry, no tokenizer decoding)."""
 
     format = "gguf"
 
     def __init__(self, path: str | os.PathLike):
-        from ..converters.gguf_layout import parse_layout
-
         self.path = Path(path)
         self.layout = parse_layout(self.path)
         self._t = {t.name: t for t in self.layout.tensors}
@@ -468,8 +467,9 @@ class GGUFModel(ModelFile):
         return name if name in self.tensors else None
 
     def neuron_vectors(self, target: Target) -> np.ndarray:
-        """Decodes only the quantization blocks that hold the target's neurons (as the fold does)."""
-        from ..converters import gguf_region as region
+        """Decodes only the quantization blocks that hold the target's neurons."""
+        from gguf import GGML_QUANT_SIZES
+        from gguf.quants import dequantize
 
         gname = hf_to_gguf(target.name)
         info = self._t.get(gname)
@@ -477,10 +477,16 @@ class GGUFModel(ModelFile):
             raise BaseMismatchError(f"{self.path}: has no tensor {gname} (patch target {target.name})")
         if tuple(info.shape) != tuple(target.shape):
             raise BaseMismatchError(f"{self.path}: tensor {gname} has shape {list(info.shape)}, the patch expects {list(target.shape)}")
-        reg = region.make_region(target, info)
-        blocks = self.raw(gname).reshape(info.n_rows, info.row_len // reg.bs, -1)  # (rows, blocks per row, type size)
-        raw = blocks[reg.rows][:, reg.blocks]  # (R, B, type size)
-        return region.neuron_vectors(reg, region.decode_blocks(raw, info.qtype, reg.bs))
+        bs, ts = GGML_QUANT_SIZES[info.qtype]
+        blocks = self.raw(gname).reshape(info.n_rows, info.row_len // bs, ts)  # (rows, blocks per row, type size)
+        idx = np.asarray(target.indices, np.int64)
+        if target.axis == AXIS_ROW:  # neuron j = row j: decode those rows
+            raw = blocks[idx]  # (n, B, ts)
+            return np.asarray(dequantize(raw.reshape(-1, ts), info.qtype), np.float32).reshape(len(idx), -1)  # (n, in)
+        cols = np.unique(idx // bs)  # column axis: only the blocks holding a patched column, in every row
+        values = np.asarray(dequantize(blocks[:, cols].reshape(-1, ts), info.qtype), np.float32).reshape(info.n_rows, -1)
+        pos = np.searchsorted(cols, idx // bs) * bs + idx % bs  # (n,) positions inside the decoded columns
+        return np.ascontiguousarray(values[:, pos].T)  # (n, out)
 
     def close(self) -> None:
         if self._mm is not None:
