@@ -72,7 +72,7 @@ def write_synthetic_gguf(path: Path, *, n_layers: int, d_model: int, n_ff: int, 
     with open(path, "wb") as f:
         f.write(header)
         f.write(bytes(align(len(header), 32) - len(header)))
-        for name, ne, t in tensors:
+        for _name, ne, t in tensors:
             n, rows = ne[0], int(np.prod(ne[1:])) if len(ne) > 1 else 1
             key = (n, t)
             if key not in tiles:

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for llm in variants.values():  # warm-up: page in the weights, build the graphs
             time_variant(llm, prompt[:16], decode[:4])
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             order = list(variants)
             rng.shuffle(order)
             for name in order:

@@ -61,7 +61,7 @@ def main() -> None:
     def measure(label: str) -> dict:
         row: dict = {"model": label}
         t0 = time.time()
-        for name, (kind, prompts) in sets.items():
+        for name, (_kind, prompts) in sets.items():
             refused = 0
             for b in range(0, len(prompts), args.batch_size):
                 chunk = prompts[b:b + args.batch_size]

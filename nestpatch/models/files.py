@@ -143,7 +143,8 @@ def parse_shard(path: str | os.PathLike) -> Shard:
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
             raise FormatError(f"{path}: tensor {name!r}: data_offsets [{start}, {end}] out of bounds (data is {data_len} bytes; truncated?)")
         if dtype in ITEMSIZE and end - start != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]:
-            raise FormatError(f"{path}: tensor {name!r} holds {end - start} bytes, expected {int(np.prod(shape))} x {ITEMSIZE[dtype]} for {dtype} {list(shape)}")
+            raise FormatError(f"{path}: tensor {name!r} holds {end - start} bytes, "
+                              f"expected {int(np.prod(shape))} x {ITEMSIZE[dtype]} for {dtype} {list(shape)}")
         entries[name] = Entry(dtype, shape, start, end)
     return Shard(path=path, header_bytes=hbytes, header=header, entries=entries, size=size)
 
