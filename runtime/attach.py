@@ -24,6 +24,7 @@ from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import AXIS_ROW
 from nestpatch.format.patch import Patch, Target
 from nestpatch.models.files import describe_hf_config
+from nestpatch.models.loading import parameter_vectors
 from nestpatch.models.naming import parse_hf_name
 
 log = logging.getLogger(__name__)
@@ -238,19 +239,7 @@ def check_model_base(model: Any, patch: Patch, label: str | None = None, params:
     label = label or _model_label(model)
     params = params if params is not None else {t.name: resolve_parameter(model, t.name) for t in patch.targets}
     check_description(patch, describe_hf_config(getattr(model, "config", None)), label)
-    return check_base(patch, lambda t: _vectors(params[t.name], t), label)
-
-
-def _vectors(param: Any, target: Target) -> np.ndarray:
-    """The parameter's current neuron vectors of ``target``, float32 ``(n, d)``."""
-    import torch
-
-    idx = torch.as_tensor(np.asarray(target.indices, dtype=np.int64), device=param.device)
-    with torch.no_grad():
-        v = _read(param, idx, target.axis)
-        if target.axis != AXIS_ROW:
-            v = v.T
-    return v.detach().float().cpu().numpy()
+    return check_base(patch, lambda t: parameter_vectors(params[t.name], t), label)
 
 
 def swap(handle: AttachHandle, patch: Patch, **kwargs: Any) -> AttachHandle:

@@ -48,6 +48,21 @@ FOLDABLE = ("F32", "F16", "BF16")
 _STORAGE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
+def map_readonly(path: Path) -> mmap.mmap:
+    """A read-only memory map of a whole file."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def unmap(mm: mmap.mmap | None) -> None:
+    """Close a map; while a numpy view of it is alive it stays open and goes with the view."""
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError:
+            pass
+
+
 @dataclass
 class Entry:
     """One tensor of a shard: dtype, shape and byte span inside the data section."""
@@ -79,8 +94,7 @@ class Shard:
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = map_readonly(self.path)
         return self._mm
 
     def raw(self, name: str) -> np.ndarray:
@@ -98,12 +112,8 @@ class Shard:
         return arr.reshape(e.shape)
 
     def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a numpy view is still alive; the map is freed with it
-                pass
-            self._mm = None
+        unmap(self._mm)
+        self._mm = None
 
 
 def parse_shard(path: str | os.PathLike) -> Shard:
@@ -421,8 +431,7 @@ class GGUFModel(ModelFile):
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = map_readonly(self.path)
         return self._mm
 
     def raw(self, name: str) -> np.ndarray:
@@ -490,12 +499,8 @@ class GGUFModel(ModelFile):
         return np.ascontiguousarray(values[:, pos].T)  # (n, out)
 
     def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a numpy view is alive; the map goes with it
-                pass
-            self._mm = None
+        unmap(self._mm)
+        self._mm = None
 
 
 class SafetensorsModel(ModelFile):

@@ -112,10 +112,18 @@ def load_model(spec: str | os.PathLike, *, device: str = "auto", dtype: str = "f
     return LoadedModel(model=model, tokenizer=tok, source=path, description=desc)
 
 
-def torch_neuron_vectors(model: Any, target: Target) -> np.ndarray:
-    """The model's current vectors of ``target``'s neurons, float32 ``(n, d)`` (for fingerprints)."""
+def parameter_vectors(param: Any, target: Target) -> np.ndarray:
+    """A torch weight's current vectors of ``target``'s neurons, float32 ``(n, d)`` (for fingerprints)."""
     import torch
 
+    idx = torch.as_tensor(np.asarray(target.indices, dtype=np.int64), device=param.device)
+    with torch.no_grad():
+        v = param.index_select(0, idx) if target.axis == AXIS_ROW else param.index_select(1, idx).T
+    return v.detach().float().cpu().numpy()
+
+
+def torch_neuron_vectors(model: Any, target: Target) -> np.ndarray:
+    """The model's current vectors of ``target``'s neurons, float32 ``(n, d)`` (for fingerprints)."""
     try:
         w = model.get_parameter(target.name)
     except AttributeError:
@@ -124,7 +132,4 @@ def torch_neuron_vectors(model: Any, target: Target) -> np.ndarray:
         from ..errors import BaseMismatchError
 
         raise BaseMismatchError(f"tensor {target.name}: model shape {tuple(w.shape)} != patch shape {tuple(target.shape)}")
-    idx = torch.as_tensor(np.asarray(target.indices, dtype=np.int64), device=w.device)
-    with torch.no_grad():
-        v = w.index_select(0, idx) if target.axis == AXIS_ROW else w.index_select(1, idx).T
-    return v.detach().float().cpu().numpy()
+    return parameter_vectors(w, target)
