@@ -27,11 +27,10 @@ import numpy as np
 from nestpatch import __version__
 from nestpatch.atomic import atomic_dir, atomic_path
 from nestpatch.errors import InputError, UnsupportedError
-from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.safetensors_io import dumps
-from nestpatch.models.files import open_model
+from nestpatch.models.files import check_patch_fits
 from nestpatch.provenance import patch_digest
 from nestpatch.models.naming import check_architecture, hf_to_gguf, parse_hf_name
 
@@ -65,15 +64,9 @@ def padded_factors(t: Target, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_against_base(patch: Patch, base: str | os.PathLike) -> tuple[Path, str | None]:
-    """Refuse a base the patch was not made for. Returns the base path and its GGUF arch (if GGUF).
-
-    Reads only headers and the touched tensors' bytes.
-    """
-    with open_model(base) as model:
-        desc = model.describe()
-        check_description(patch, desc, str(model.path))
-        check_base(patch, model.neuron_vectors, str(model.path))
-        return model.path, (str(desc.get(BaseKey.ARCHITECTURE) or "") if model.format == "gguf" else None)
+    """Refuse a base the patch was not made for. Returns the base path and its GGUF arch (if GGUF)."""
+    path, desc = check_patch_fits(patch, base)
+    return path, (str(desc.get(BaseKey.ARCHITECTURE) or "") if desc["format"] == "gguf" else None)
 
 
 def gguf_architecture(patch: Patch) -> str:

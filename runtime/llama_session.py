@@ -79,12 +79,12 @@ def render_chat_template(template: str, messages: Messages, *, bos_token: str = 
 def check_gguf_base(patch: Patch, path: str | os.PathLike) -> None:
     """Refuse a GGUF model the patch was not made for (sizes, shapes, fingerprint).
 
-    Reads the GGUF header and only the touched tensors' bytes (the converters' reader: fast
-    even for the tokenizer arrays that make gguf-py's reader slow).
+    Reads the GGUF header and only the touched tensors' bytes (the model-file layer's reader:
+    fast even for the tokenizer arrays that make gguf-py's reader slow).
     """
-    from nestpatch.converters.lora_export import check_against_base
+    from nestpatch.models.files import check_patch_fits
 
-    check_against_base(patch, path)
+    check_patch_fits(patch, path)
 
 
 # -------------------------------------------------------------------------------- derived files

@@ -582,5 +582,24 @@ def open_model(spec: str | os.PathLike) -> ModelFile:
     return SafetensorsModel(p)
 
 
+def check_patch_fits(patch: Any, spec: str | os.PathLike) -> tuple[Path, dict]:
+    """Refuse a model file the patch was not made for: sizes first, then the fingerprint.
+
+    Reads headers and only the touched neurons' bytes. Returns the model's path and description
+    (with ``format``: ``gguf`` or ``safetensors``).
+
+    Raises:
+        BaseMismatchError: the patch was made for another model.
+        InputError: no such model.
+    """
+    from ..fingerprint import check_base, check_description
+
+    with open_model(spec) as model:
+        desc = model.describe()
+        check_description(patch, desc, str(model.path))
+        check_base(patch, model.neuron_vectors, str(model.path))
+        return model.path, {**desc, "format": model.format}
+
+
 #: ``(n, d)`` neuron vectors of a full tensor: rows ``idx`` (row axis) or columns ``idx`` transposed.
 neuron_vectors = gather
