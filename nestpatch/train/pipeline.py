@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
+from ..assets import sha256_file
 from ..atomic import write_bytes_atomic
 from ..cluster import cluster_modules
 from ..data import PromptSet, eval_prompt_index, load_many, normalise
@@ -336,7 +337,7 @@ def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets:
     if ex_info.get("refusal_targets") == "template":
         ref = BUILTIN_DIR / "refusals.jsonl"
         data.append({"role": "refusal-targets", "source": "builtin-refusals", "rows": sum(1 for _ in open(ref, encoding="utf-8")),
-                     "sha256": file_digest(ref)})
+                     "sha256": sha256_file(ref)})  # bare hex, as every data entry (compared with pinned asset hashes)
     tmpl = getattr(lm.tokenizer, "chat_template", None) or ""
     targets = deltas.to_targets(cfg.delta_dtype)
     prov = {
