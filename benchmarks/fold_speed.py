@@ -38,7 +38,7 @@ def write_synthetic_gguf(path: Path, *, n_layers: int, d_model: int, n_ff: int, 
     from gguf import GGUFValueType
 
     from nestpatch.converters import gguf_codecs as codecs
-    from nestpatch.converters.gguf_layout import align, encode_kv, encode_tensor_info, header_prefix, tensor_nbytes
+    from nestpatch.models.gguf_layout import align, encode_kv, encode_tensor_info, header_prefix, tensor_nbytes
 
     qt = codecs.qtype_of(qtype)
     f32 = codecs.QType.F32
@@ -72,7 +72,7 @@ def write_synthetic_gguf(path: Path, *, n_layers: int, d_model: int, n_ff: int, 
     with open(path, "wb") as f:
         f.write(header)
         f.write(bytes(align(len(header), 32) - len(header)))
-        for name, ne, t in tensors:
+        for _name, ne, t in tensors:
             n, rows = ne[0], int(np.prod(ne[1:])) if len(ne) > 1 else 1
             key = (n, t)
             if key not in tiles:

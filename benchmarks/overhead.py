@@ -38,7 +38,7 @@ def realistic_patch_from_gguf(path: Path, *, seed: int = 0, neurons: int = 6, cl
     were 0.6-0.7x the row norm). Base description and fingerprint sketches come from the file.
     """
     from nestpatch.converters import gguf_codecs as codecs
-    from nestpatch.converters.gguf_layout import parse_layout
+    from nestpatch.models.gguf_layout import parse_layout
     from nestpatch.fingerprint import attach_sketches, fingerprint_info
     from nestpatch.format import Patch, Target
     from nestpatch.format.constants import AXIS_ROW, BaseKey
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for llm in variants.values():  # warm-up: page in the weights, build the graphs
             time_variant(llm, prompt[:16], decode[:4])
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             order = list(variants)
             rng.shuffle(order)
             for name in order:

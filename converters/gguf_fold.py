@@ -24,7 +24,7 @@ writes) lets revert prove the result.
 Numbers: arithmetic in float32 on dequantized blocks; F32/F16/BF16 and the legacy quants
 (gguf-py) and K-quants (libggml via ctypes) are re-encoded in place; any other type is decoded by
 gguf-py and stored as Q8_0 (F16 where rows are not a multiple of 32). Retention per target
-follows :mod:`converters.report`.
+follows :mod:`converters.fold_report`.
 """
 
 from __future__ import annotations
@@ -48,19 +48,20 @@ from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import AXIS_ROW, BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.validate import validate_patch
-from nestpatch.format.writer import compute_digest
+from nestpatch.models.files import describe_gguf
 from nestpatch.models.naming import check_architecture, parse_hf_name
+from nestpatch.provenance import patch_digest
 
 from . import gguf_codecs as codecs
 from .gguf_io import CHUNK_BYTES, BackgroundWriter, FileHasher, pread_exact, pwrite_all
-from .gguf_layout import GGUFLayout, TensorInfo, align, encode_kv, encode_tensor_info, header_prefix, parse_layout, tensor_nbytes
+from nestpatch.models.gguf_layout import GGUFLayout, TensorInfo, align, encode_kv, encode_tensor_info, header_prefix, parse_layout, tensor_nbytes
 from .gguf_region import (
     Region, add_region_delta, apply_chunk_delta, decode_blocks, encode_blocks, iter_row_chunks, make_region, neuron_vectors,
     read_region, read_rows,
 )
 from .gguf_revert import REVERT_VERSION, revert_gguf
 from .provenance import FoldKey
-from .report import FoldReport, TargetFold, retention_stats
+from .fold_report import FoldReport, TargetFold, retention_stats
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +113,9 @@ def candidate_types(t: QType, n: int, precision: str) -> list[QType]:
 
 
 def _description(layout: GGUFLayout, label: str) -> dict:
-    arch = layout.kv("general.architecture")
-    if not isinstance(arch, str):
-        raise FormatError(f"{label}: GGUF has no general.architecture")
-    check_architecture(arch, label)
-
-    def num(key: str) -> int | None:
-        v = layout.kv(f"{arch}.{key}")
-        if v is None:
-            return None
-        if isinstance(v, np.ndarray):  # per-layer values (some architectures): only a constant compares
-            return int(v[0]) if v.size and bool((v == v[0]).all()) else None
-        return int(v)
-
-    return {BaseKey.ARCHITECTURE: arch, BaseKey.D_MODEL: num("embedding_length"), BaseKey.N_FF: num("feed_forward_length"),
-            BaseKey.N_LAYERS: num("block_count")}
+    desc = describe_gguf(layout, label)
+    check_architecture(desc[BaseKey.ARCHITECTURE], label)
+    return desc
 
 
 def _locate(layout: GGUFLayout, t: Target, label: str) -> Region:
@@ -149,7 +138,7 @@ def _locate(layout: GGUFLayout, t: Target, label: str) -> Region:
 
 
 def _retention(reg: Region, realized: np.ndarray) -> tuple[float, float]:
-    """:func:`converters.report.retention_stats` of a region's realized change (consumed: modified).
+    """:func:`converters.fold_report.retention_stats` of a region's realized change (consumed: modified).
 
     For a col-axis target the intended delta is zero outside the patched columns: the dot
     products need those columns only, and the rest of the region adds ``||realized||^2`` to the
@@ -382,7 +371,7 @@ def _kv_entries(patch: Patch, precision: str, targets: list[str], revert: dict, 
     """The appended KV bytes, their count, and the offset (within them) of the source hash value."""
     pol = patch.policy or {}
     items = [
-        (FoldKey.PATCH_DIGEST, patch.content_digest or compute_digest(patch)),
+        (FoldKey.PATCH_DIGEST, patch_digest(patch)),
         (FoldKey.POLICY_NAME, str(pol.get(PolicyKey.NAME, ""))),
         (FoldKey.POLICY_VERSION, str(pol.get(PolicyKey.VERSION, ""))),
         (FoldKey.TOOL_VERSION, __version__),
@@ -602,7 +591,7 @@ def _write(src: int, layout: GGUFLayout, patch: Patch, regions: list[Region], ou
             hasher.cancel()
         tick.close()
 
-    report = FoldReport(model_in=str(layout.path), model_out=str(out_path), patch_digest=patch.content_digest or compute_digest(patch),
+    report = FoldReport(model_in=str(layout.path), model_out=str(out_path), patch_digest=patch_digest(patch),
                         format="gguf", precision=precision, bytes_in=layout.file_size, bytes_out=total)
     for reg in regions:
         s = slot_of[reg.info.name]

@@ -21,7 +21,7 @@ from nestpatch.format.patch import Target
 
 from . import gguf_codecs as codecs
 from .gguf_io import CHUNK_BYTES, pread_exact
-from .gguf_layout import TensorInfo
+from nestpatch.models.gguf_layout import TensorInfo
 
 QType = codecs.QType
 

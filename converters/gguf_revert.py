@@ -24,7 +24,7 @@ from nestpatch.errors import FormatError, InputError
 
 from . import gguf_codecs as codecs
 from .gguf_io import CHUNK_BYTES, copy_range, pread_exact, pwrite_all, sha256_fd
-from .gguf_layout import GGUFLayout, TensorInfo, align, header_prefix, parse_layout, parse_tensor_infos
+from nestpatch.models.gguf_layout import GGUFLayout, TensorInfo, align, header_prefix, parse_layout, parse_tensor_infos
 from .provenance import FoldKey
 
 log = logging.getLogger(__name__)

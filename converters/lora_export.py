@@ -25,18 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from nestpatch import __version__
-from nestpatch.assets import resolve_model
 from nestpatch.atomic import atomic_dir, atomic_path
-from nestpatch.errors import BaseMismatchError, InputError, UnsupportedError
-from nestpatch.fingerprint import check_base, check_description
-from nestpatch.format.constants import AXIS_ROW, BaseKey, PolicyKey
+from nestpatch.errors import InputError, UnsupportedError
+from nestpatch.format.constants import BaseKey, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.safetensors_io import dumps
-from nestpatch.format.writer import compute_digest
+from nestpatch.models.files import check_patch_fits
+from nestpatch.provenance import patch_digest
 from nestpatch.models.naming import check_architecture, hf_to_gguf, parse_hf_name
 
 from .provenance import FoldKey
-from .safetensors_layout import describe_config, discover
 
 log = logging.getLogger(__name__)
 
@@ -62,64 +60,13 @@ def padded_factors(t: Target, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return bp, ap
 
 
-def _patch_digest(patch: Patch) -> str:
-    return patch.content_digest or compute_digest(patch)
-
-
 # ------------------------------------------------------------------------------------------ bases
-
-
-def _gguf_base(path: Path, patch: Patch) -> str:
-    """Check ``patch`` against a GGUF base (sizes, shapes, fingerprint); return its architecture.
-
-    Reads only the header (gguf_layout, no tokenizer decoding) and the touched tensors' bytes.
-    """
-    import mmap
-
-    from . import gguf_codecs as codecs
-    from .gguf_layout import parse_layout
-
-    layout = parse_layout(path)
-    arch = str(layout.kv("general.architecture") or "")
-    desc = {BaseKey.D_MODEL: layout.kv(f"{arch}.embedding_length"), BaseKey.N_FF: layout.kv(f"{arch}.feed_forward_length"),
-            BaseKey.N_LAYERS: layout.kv(f"{arch}.block_count")}
-    check_description(patch, {k: int(v) for k, v in desc.items() if v is not None}, str(path))
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-
-        def vectors(t: Target) -> np.ndarray:
-            gname = hf_to_gguf(t.name)
-            info = layout.tensor(gname)
-            if info is None:
-                raise BaseMismatchError(f"{path}: has no tensor {gname} (patch target {t.name})")
-            if info.shape != tuple(t.shape):
-                raise BaseMismatchError(f"{path}: tensor {gname} has shape {list(info.shape)}, the patch expects {list(t.shape)}")
-            raw = np.frombuffer(mm, np.uint8, info.nbytes, layout.data_start + info.offset).reshape(info.n_rows, info.row_bytes)
-            idx = np.asarray(t.indices, np.int64)
-            if t.axis == AXIS_ROW:
-                return codecs.dequantize_rows(raw[idx], info.qtype, info.row_len)  # (n, in)
-            return codecs.dequantize_rows(raw, info.qtype, info.row_len)[:, idx].T.copy()  # (n, out)
-
-        try:
-            check_base(patch, vectors, str(path))
-        finally:
-            del vectors  # drop numpy views before the map closes
-    return arch
 
 
 def check_against_base(patch: Patch, base: str | os.PathLike) -> tuple[Path, str | None]:
     """Refuse a base the patch was not made for. Returns the base path and its GGUF arch (if GGUF)."""
-    path = resolve_model(base)
-    if not path.exists():
-        raise InputError(f"{path}: no such base model")
-    if path.is_file() and path.suffix == ".gguf":
-        return path, _gguf_base(path, patch)
-    layout = discover(path)
-    try:
-        check_description(patch, describe_config(layout.config()), str(path))
-        check_base(patch, layout.neuron_vectors, str(path))
-    finally:
-        layout.close()
-    return path, None
+    path, desc = check_patch_fits(patch, base)
+    return path, (str(desc.get(BaseKey.ARCHITECTURE) or "") if desc["format"] == "gguf" else None)
 
 
 def gguf_architecture(patch: Patch) -> str:
@@ -170,7 +117,7 @@ def export_gguf_lora(patch: Patch, out_path: str | os.PathLike, *, base: str | o
         if base_label:
             w.add_base_model_count(1)
             w.add_base_model_name(0, base_label)
-        w.add_string(FoldKey.PATCH_DIGEST, _patch_digest(patch))
+        w.add_string(FoldKey.PATCH_DIGEST, patch_digest(patch))
         w.add_string(FoldKey.POLICY_NAME, str(patch.policy.get(PolicyKey.NAME, "")))
         w.add_string(FoldKey.POLICY_VERSION, str(patch.policy.get(PolicyKey.VERSION, "")))
         w.add_string(FoldKey.TOOL_VERSION, __version__)
@@ -240,7 +187,7 @@ def export_peft(patch: Patch, out_dir: str | os.PathLike, *, base: str | os.Path
         module = t.name[: -len(".weight")]
         tensors[f"base_model.model.{module}.lora_A.weight"] = ("F32", a)
         tensors[f"base_model.model.{module}.lora_B.weight"] = ("F32", b)
-    meta = {"format": "pt", FoldKey.PATCH_DIGEST: _patch_digest(patch), FoldKey.TOOL_VERSION: __version__,
+    meta = {"format": "pt", FoldKey.PATCH_DIGEST: patch_digest(patch), FoldKey.TOOL_VERSION: __version__,
             FoldKey.POLICY_NAME: str(patch.policy.get(PolicyKey.NAME, "")),
             FoldKey.POLICY_VERSION: str(patch.policy.get(PolicyKey.VERSION, ""))}
     out = Path(out_dir)

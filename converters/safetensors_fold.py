@@ -39,11 +39,11 @@ from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import AXIS_ROW, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.safetensors_io import SafetensorsFile, dumps, f32_to_bf16
-from nestpatch.format.writer import compute_digest
+from nestpatch.models.files import ITEMSIZE, ModelLayout, Shard, describe_config, discover, encode_header, gather, parse_shard, to_f32
+from nestpatch.provenance import patch_digest
 
 from .provenance import FoldKey
-from .report import FoldReport, TargetFold, retention_stats
-from .safetensors_layout import ITEMSIZE, ModelLayout, Shard, describe_config, discover, encode_header, gather, parse_shard, to_f32
+from .fold_report import FoldReport, TargetFold, retention_stats
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def fold_safetensors(model_path: str | os.PathLike, patch: Patch, out_path: str 
         _refuse_folded(layout, sorted({layout.resolve(t)[0] for t in patch.targets}))
         check_base(patch, layout.neuron_vectors, label)
         plans = [_plan_target(layout, t, label) for t in patch.targets]
-        digest = patch.content_digest or compute_digest(patch)
+        digest = patch_digest(patch)
         report = _write(layout, patch, plans, out, digest, progress)
     finally:
         layout.close()

@@ -21,8 +21,10 @@ import numpy as np
 
 from nestpatch.errors import BaseMismatchError, InputError, UnsupportedError
 from nestpatch.fingerprint import check_base, check_description
-from nestpatch.format.constants import AXIS_ROW, BaseKey
+from nestpatch.format.constants import AXIS_ROW
 from nestpatch.format.patch import Patch, Target
+from nestpatch.models.files import describe_hf_config
+from nestpatch.models.loading import parameter_vectors
 from nestpatch.models.naming import parse_hf_name
 
 log = logging.getLogger(__name__)
@@ -61,20 +63,6 @@ def resolve_parameter(model: Any, name: str) -> Any:
 
 def _model_label(model: Any) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
-
-
-def _model_description(model: Any) -> dict:
-    """Sizes of a transformers model, for the cheap check before the fingerprint."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    out = {}
-    for key, attr in ((BaseKey.D_MODEL, "hidden_size"), (BaseKey.N_FF, "intermediate_size"), (BaseKey.N_LAYERS, "num_hidden_layers")):
-        val = getattr(text, attr, None)
-        if isinstance(val, int):
-            out[key] = val
-    return out
 
 
 def verify_signature(patch: Patch | str | os.PathLike, public_key: Any) -> None:
@@ -196,10 +184,7 @@ def attach(model: Any, patch: Patch, *, verify_base: bool = True, require_signat
             raise BaseMismatchError(f"{label}: tensor {t.name}: model shape {tuple(p.shape)} != patch shape {tuple(t.shape)}")
         if p.device.type == "meta":
             raise UnsupportedError(f"{label}: tensor {t.name} is offloaded (meta device); attach needs the weights in memory")
-    errors: dict[str, float] = {}
-    if verify_base:
-        check_description(patch, _model_description(model), label)
-        errors = check_base(patch, lambda t: _vectors(params[t.name], t), label)
+    errors = check_model_base(model, patch, label, params) if verify_base else {}
 
     handle = AttachHandle(model=model, patch=patch, fingerprint_errors=errors)
     try:
@@ -244,16 +229,17 @@ def _restore_partial(handle: AttachHandle) -> None:
     handle._attached = False
 
 
-def _vectors(param: Any, target: Target) -> np.ndarray:
-    """The parameter's current neuron vectors of ``target``, float32 ``(n, d)``."""
-    import torch
+def check_model_base(model: Any, patch: Patch, label: str | None = None, params: dict[str, Any] | None = None) -> dict[str, float]:
+    """Refuse a live torch model the patch was not made for (sizes, then fingerprint); return the error per target.
 
-    idx = torch.as_tensor(np.asarray(target.indices, dtype=np.int64), device=param.device)
-    with torch.no_grad():
-        v = _read(param, idx, target.axis)
-        if target.axis != AXIS_ROW:
-            v = v.T
-    return v.detach().float().cpu().numpy()
+    Raises:
+        BaseMismatchError: the patch was made for another model.
+        UnsupportedError: the model lacks a tensor the patch names.
+    """
+    label = label or _model_label(model)
+    params = params if params is not None else {t.name: resolve_parameter(model, t.name) for t in patch.targets}
+    check_description(patch, describe_hf_config(getattr(model, "config", None)), label)
+    return check_base(patch, lambda t: parameter_vectors(params[t.name], t), label)
 
 
 def swap(handle: AttachHandle, patch: Patch, **kwargs: Any) -> AttachHandle:

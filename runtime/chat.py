@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from nestpatch.errors import InputError, UnsupportedError
 from nestpatch.format.patch import Patch
+from nestpatch.models.files import is_gguf
 
 from .llama_session import Generation, LlamaSession, Messages
 
@@ -128,9 +129,9 @@ def open_chat(model: str | os.PathLike, patch: Patch | str | os.PathLike | None 
             require_signature = None
         patch = read_patch(patch)
     if backend == "auto":
-        backend = "llama" if path.suffix == ".gguf" else "torch"
+        backend = "llama" if is_gguf(path) else "torch"
     if backend in ("llama", "llama.cpp"):
-        if path.suffix != ".gguf":
+        if not is_gguf(path):
             raise UnsupportedError(f"{path}: the llama backend needs a .gguf file (use --backend torch)")
         return _llama_engine(path, patch, patch_mode=patch_mode, n_threads=n_threads, n_ctx=n_ctx,
                              verify_base=verify_base, require_signature=require_signature)

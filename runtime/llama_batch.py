@@ -191,7 +191,7 @@ class BatchDecoder:
                 batch.seq_id[n][0] = s
                 batch.logits[n] = logits
                 if logits:
-                    reads.append((s, n))
+                    reads.append((s, n))  # noqa: B023 (called within this iteration)
                 n += 1
 
             for s, sl in enumerate(slots):

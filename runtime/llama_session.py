@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from gguf import Keys
 
 from nestpatch.errors import InputError, UnsupportedError
 from nestpatch.format.patch import Patch
+from nestpatch.provenance import file_digest, patch_digest
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +73,18 @@ def render_chat_template(template: str, messages: Messages, *, bos_token: str = 
         raise InputError(f"chat template failed to render: {e}") from None
 
 
-def template_digest(template: str | None) -> str | None:
-    return None if template is None else "sha256:" + hashlib.sha256(template.encode("utf-8")).hexdigest()
-
-
 # ----------------------------------------------------------------------------- GGUF fingerprinting
 
 
 def check_gguf_base(patch: Patch, path: str | os.PathLike) -> None:
     """Refuse a GGUF model the patch was not made for (sizes, shapes, fingerprint).
 
-    Reads the GGUF header and only the touched tensors' bytes (the converters' reader: fast
-    even for the tokenizer arrays that make gguf-py's reader slow).
+    Reads the GGUF header and only the touched tensors' bytes (the model-file layer's reader:
+    fast even for the tokenizer arrays that make gguf-py's reader slow).
     """
-    from nestpatch.converters.lora_export import check_against_base
+    from nestpatch.models.files import check_patch_fits
 
-    check_against_base(patch, path)
+    check_patch_fits(patch, path)
 
 
 # -------------------------------------------------------------------------------- derived files
@@ -108,9 +106,7 @@ def _file_key(path: Path) -> str:
 
 
 def _patch_key(patch: Patch) -> str:
-    from nestpatch.format import compute_digest
-
-    digest = patch.content_digest or compute_digest(patch)
+    digest = patch_digest(patch)
     return digest.split(":")[-1][:16]
 
 
@@ -224,7 +220,7 @@ class LlamaSession:
 
     @property
     def chat_template(self) -> str | None:
-        return self._llm.metadata.get("tokenizer.chat_template")
+        return self._llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
 
     @property
     def has_patch(self) -> bool:
@@ -256,15 +252,13 @@ class LlamaSession:
 
     def info(self) -> dict[str, Any]:
         """What this session runs, for result files."""
-        from nestpatch.assets import sha256_file
-
         return {
             "backend": "llama.cpp",
             "llama_cpp_python": _llama_cpp().__version__,
             "model": str(self.base_path),
             "loaded": str(self.loaded_path),
             "lora": str(self.lora_file) if self.lora_file else None,
-            "lora_sha256": sha256_file(self.lora_file) if self.lora_file else None,
+            "lora_sha256": file_digest(self.lora_file) if self.lora_file else None,
             "patch_mode": self.patch_mode if self.has_patch else None,
             "n_threads": self.n_threads,
             "n_ctx": self.n_ctx,
@@ -412,4 +406,4 @@ def _load_llama(path: Path, *, lora: Path | None, n_ctx: int, n_threads: int, lo
 
 
 __all__ = ["LlamaSession", "Generation", "open_session", "render_chat_template", "check_gguf_base",
-           "folded_model", "lora_adapter", "template_digest"]
+           "folded_model", "lora_adapter"]

@@ -8,6 +8,8 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "test: could not install chromium; the browser test will say so and skip" >&2
 fi
+# lint first (rules in pyproject.toml): a lint error fails the script before any test runs
+.venv/bin/python -m ruff check .
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

@@ -31,7 +31,6 @@ def _replies(output: str) -> dict[str, str]:
 @pytest.mark.parametrize("backend", ["llama", "torch"])
 def test_piped_chat_compares_with_and_without_patch(backend, pico_gguf, pico_hf_dir, strong_patch_file):
     if backend == "llama":
-        pytest.importorskip("llama_cpp")
         model, extra = str(pico_gguf("F32")), ["--threads", "1"]
     else:
         model, extra = str(pico_hf_dir), []

@@ -21,7 +21,7 @@ def _groups(sizes: list[int], n_prompts: int = 60, seed: int = 0, noise: float =
     truth = truth[rng.permutation(len(truth))]
     block = n_prompts // g
     cols = []
-    for j, grp in enumerate(truth):
+    for grp in truth:
         base = np.zeros(n_prompts)
         base[grp * block:(grp + 1) * block] = 1.0
         cols.append((base + noise * rng.normal(size=n_prompts)) * (1 + 5 * rng.random()) + 10 * rng.normal())

@@ -134,7 +134,6 @@ def test_export_lora_both_formats(workdir, pico_hf_dir):
 
 
 def test_gguf_apply_and_revert(workdir, pico_gguf):
-    pytest.importorskip("nestpatch.converters.gguf_fold")
     src = workdir / "pico.gguf"
     shutil.copy(pico_gguf("Q8_0"), src)
     res = run("apply", src, "-o", workdir / "folded.gguf", "--precision", "auto")
@@ -175,7 +174,6 @@ def test_read_only_output_dir_exit_2(workdir):
 def test_apply_require_signature_gguf(workdir, pico_gguf):
     """--require-signature: unsigned, other-key and tampered patches are refused before any output exists."""
     pytest.importorskip("cryptography")
-    pytest.importorskip("nestpatch.converters.gguf_fold")
     from nestpatch.audit.signing import generate_keypair, sign_patch
 
     src = workdir / "pico.gguf"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from nestpatch.cli import cli
 from nestpatch.errors import InputError
 from nestpatch.evaluate import EvalOptions, Verdict, evaluate_torch_model, load_suite, register_judge, run_suites
-from nestpatch.evaluate.report import render_markdown
+from nestpatch.evaluate.run_digest import render_markdown
 from nestpatch.format import write_patch
 from nestpatch.testing.pico import random_patch
 
@@ -144,7 +144,6 @@ def test_resume_skips_finished_samples_and_repairs_a_cut_line(pico_hf_dir, files
 
 
 def test_llama_backend_folded_compare(pico_gguf, patch_file, files, tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp")
     import nestpatch.runtime.llama_session as ls
 
     cache = tmp_path / "cache"
@@ -194,7 +193,6 @@ def test_bad_input_exits_2_with_one_line(case, pico_hf_dir, pico_gguf, pico_mode
         args = ["eval", str(pico_hf_dir), "--suite", harm, "--backend", "llama", "-o", out]
         want = "the llama backend needs a .gguf file"
     else:
-        pytest.importorskip("llama_cpp")
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
         args = ["eval", str(bad), "--suite", harm, "--backend", "llama", "-o", out]
@@ -235,8 +233,6 @@ def test_builtin_suites_load_and_pin_their_sources():
 @pytest.mark.parametrize("backend", ["llama", "torch"])
 def test_smollm2_base_model_answers_harmbench(backend, tmp_path):
     """The real default model has a real safety gap: it answers most HarmBench behaviours."""
-    if backend == "llama":
-        pytest.importorskip("llama_cpp")
     s = run_suites("smollm2", None, ["harmbench"], backend=backend, out_dir=tmp_path / "run", limit=6, max_new_tokens=24,
                    batch_size=6, n_threads=1, progress=False)
     h = s["suites"]["harmbench"]["base"]

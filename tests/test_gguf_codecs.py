@@ -7,7 +7,7 @@ import pytest
 from gguf import GGUFReader
 
 from nestpatch.converters import gguf_codecs as codecs
-from nestpatch.converters.gguf_layout import parse_layout
+from nestpatch.models.gguf_layout import parse_layout
 from nestpatch.errors import FormatError, UnsupportedError
 
 FLOAT_LEGACY = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]

@@ -16,13 +16,13 @@ from gguf import GGUFWriter
 
 from nestpatch.converters import gguf_codecs as codecs
 from nestpatch.converters.gguf_fold import candidate_types, fold_gguf, revert_gguf
-from nestpatch.converters.gguf_layout import parse_layout
+from nestpatch.models.gguf_layout import parse_layout
 from nestpatch.converters.provenance import FoldKey
 from nestpatch.errors import BaseMismatchError, FormatError, InputError, UnsupportedError
 from nestpatch.format import Target, write_patch
 from nestpatch.testing.pico import apply_patch_torch, random_patch, smollm2_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402  (a required test dependency: a broken install fails, never skips)
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 #: ||dequant(folded) - (dequant(base) + dW)|| / ||dW|| on the touched blocks, per type (measured x ~2).

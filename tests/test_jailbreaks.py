@@ -81,7 +81,7 @@ def test_jailbreak_run_summary_has_per_attack_asr_mean_and_flips(pico_gguf, pico
     pytest.importorskip("llama_cpp")
     import nestpatch.runtime.llama_session as ls
     from nestpatch.evaluate import run_suites
-    from nestpatch.evaluate.report import render_markdown
+    from nestpatch.evaluate.run_digest import render_markdown
     from nestpatch.format import write_patch
 
     monkeypatch.setattr(ls, "derived_cache_dir", lambda: tmp_path)

@@ -121,7 +121,6 @@ def test_model_judge_bad_inputs(tmp_path):
 
 
 def test_model_judge_that_fails_to_load_is_one_line_error(tmp_path):
-    pytest.importorskip("llama_cpp")
     from nestpatch.errors import NestpatchError
 
     bad = tmp_path / "guard.gguf"
@@ -133,7 +132,6 @@ def test_model_judge_that_fails_to_load_is_one_line_error(tmp_path):
 
 def test_model_judge_runs_on_a_real_gguf(pico_gguf):
     """A pico model is no classifier: it must run end to end and land in 'unparsed' or a label."""
-    pytest.importorskip("llama_cpp")
     j = ModelJudge(pico_gguf("F32"), prompt_format="llama-guard-3", n_ctx=1024, n_threads=1)
     try:
         v = j.judge(PROMPT, "Here is how: ...")

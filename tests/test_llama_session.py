@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp")
-
+import llama_cpp  # noqa: E402, F401  (a required test dependency: a broken install fails, never skips)
 from nestpatch.errors import BaseMismatchError, NestpatchError, UnsupportedError  # noqa: E402
 from nestpatch.runtime.llama_session import LlamaSession, render_chat_template  # noqa: E402
 from nestpatch.testing.pico import apply_patch_torch, random_patch  # noqa: E402

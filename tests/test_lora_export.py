@@ -50,7 +50,6 @@ def llama_logits(model_path, lora_path=None) -> np.ndarray:
 
 
 def test_gguf_adapter_in_llama_cpp_equals_folded_f32(pico_model, pico_gguf, mixed_patch, tmp_path):
-    pytest.importorskip("llama_cpp")
     base = pico_gguf("F32")
     adapter = export_gguf_lora(mixed_patch, tmp_path / "adapter.gguf")
     folded = write_gguf(apply_patch_torch(pico_model, mixed_patch), tmp_path / "folded_ref.gguf")

@@ -27,8 +27,11 @@ def test_wheel_installs_and_imports(tmp_path):
     py = venv / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    # reuse this environment's third-party packages (numpy, torch...) without its editable nestpatch
-    Path(site, "_reuse_parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # reuse this environment's third-party packages (numpy, torch...) without its editable nestpatch:
+    # every site-packages directory on sys.path (a venv may reach its packages through a .pth of its
+    # own, which a nested .pth would not follow)
+    dirs = dict.fromkeys([sysconfig.get_paths()["purelib"]] + [p for p in sys.path if p.endswith("site-packages")])
+    Path(site, "_reuse_parent.pth").write_text("".join(d + "\n" for d in dirs))
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, capture_output=True)
     code = (
         "import nestpatch, nestpatch.converters, nestpatch.runtime, nestpatch.format, nestpatch.cli;"

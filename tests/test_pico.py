@@ -23,7 +23,8 @@ def _hf_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def _llama_logits(path, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
+
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0,
                           type_k=0, type_v=0)  # F32 KV cache: the default F16 cache costs ~1e-3
     try:

@@ -23,7 +23,7 @@ import pytest
 
 from nestpatch.assets import fetch, get_asset
 from nestpatch.converters.gguf_fold import fold_gguf, revert_gguf
-from nestpatch.converters.gguf_layout import parse_layout
+from nestpatch.models.gguf_layout import parse_layout
 from nestpatch.converters.lora_export import export_gguf_lora
 from nestpatch.errors import BaseMismatchError
 from nestpatch.format import Patch, read_patch, write_patch

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nestpatch.audit.modelfiles import open_model
+from nestpatch.models.files import open_model
 from nestpatch.audit.verify import block_steps, verify_model
 from nestpatch.cli import cli
 from nestpatch.format import write_patch

@@ -2,9 +2,7 @@
 
 Modules, one job each:
     diff        patch vs patch: neurons, clusters (adjusted Rand index), deltas, metadata
-    behaviour   ``diff --behaviour``: verdict flips between two patches through the eval runner
     verify      is a model exactly base + patch? (re-run fold, tensor-by-tensor) or its provenance
-    modelfiles  read-only tensor/metadata access to GGUF and safetensors models for verify
     signing     ed25519 keys, signing inside the patch, tamper diagnosis, require_signature
-    report      the self-contained HTML report; figures (matplotlib) and evalruns (eval summaries)
+    html_report the self-contained HTML report; figures (matplotlib) and evalruns (eval summaries)
 """

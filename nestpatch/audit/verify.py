@@ -38,8 +38,8 @@ from ..fingerprint import relative_error, sketch, sketch_size, tolerance
 from ..format.constants import AXIS_ROW, PolicyKey
 from ..format.patch import Patch, Target
 from ..format.reader import read_patch
-from ..format.writer import compute_digest
-from .modelfiles import ModelFile, neuron_vectors, open_model
+from ..provenance import patch_digest
+from ..models.files import ModelFile, neuron_vectors, open_model
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,6 @@ def _fmt_idx(idx: np.ndarray | list[int]) -> str:
     idx = [int(i) for i in idx]
     s = ",".join(str(i) for i in idx[:_LIST_LIMIT])
     return s + (f",... ({len(idx)} in all)" if len(idx) > _LIST_LIMIT else "")
-
-
-def _patch_digest(p: Patch) -> str:
-    return p.content_digest or compute_digest(p)
 
 
 # --------------------------------------------------------------------------- refold
@@ -318,7 +314,7 @@ def verify_provenance(model_path: str | os.PathLike, patch: Patch, res: VerifyRe
     try:
         res.format = m.format
         meta = m.metadata()
-        digest = _patch_digest(patch)
+        digest = patch_digest(patch)
         recorded = meta.get(FoldKey.PATCH_DIGEST)
         if not recorded:
             res.findings.append(Finding(FoldKey.PATCH_DIGEST, "provenance", "MODEL records no folded patch (not a nestpatch fold)"))

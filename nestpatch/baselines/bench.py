@@ -33,16 +33,17 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import InputError, TrainingError
+from ..provenance import library_versions
 from ..train.config import TrainConfig
 from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, read_json, run_job, write_json)
 from .registry import get_method
+from .speed import SPEED_FILE, speed_stage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("nest", "lora", "full", "cb")
 DEFAULT_SUITES = ("harmbench", "harmful-heldout", "benign", "overrefusal", "utility")
 BENCH_FILE = "bench.json"
-SPEED_FILE = "speed.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_FILE = "asr_vs_params.png"
@@ -126,18 +127,6 @@ class BenchConfig:
         if self.threads:
             over["threads"] = int(self.threads)
         return tc.merged(over).resolved()
-
-
-def library_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("nestpatch", "torch", "transformers", "peft", "numpy", "safetensors", "gguf", "llama-cpp-python", "scikit-learn"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def machine() -> dict[str, Any]:
@@ -241,43 +230,6 @@ def run_one(cfg: BenchConfig, job: Job) -> dict:
         result = run_job(job)
     log.info("%s: done in %.0f s", job.method, time.perf_counter() - t0)
     return result
-
-
-def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads: int | None, rounds: int, new_tokens: int,
-                device: str = "cpu") -> dict:
-    """Decode tokens/s of the base and every folded model, interleaved; writes ``speed.json``."""
-    from ..assets import resolve_model
-    from . import speed as sp
-
-    out = bench_dir / SPEED_FILE
-    saved = read_json(out)
-    names = [BASE] + list(entries)
-    if saved is not None and all(n in saved.get("results", {}) for n in names):
-        return saved
-    from ..models.loading import load_model
-
-    base_path = resolve_model(base)
-    decoders: dict[str, Any] = {}
-    try:
-        for name in names:
-            path, kind = (base_path, "gguf" if base_path.suffix == ".gguf" else "hf") if name == BASE else \
-                (Path(entries[name]["path"]), entries[name]["kind"])
-            if kind == "gguf":
-                try:
-                    decoders[name] = sp.LlamaDecoder(path, n_threads=threads)
-                    continue
-                except Exception as e:  # noqa: BLE001 - no llama.cpp: measure in torch, and the table says so
-                    log.warning("llama.cpp cannot run %s (%s); measuring in torch", path, e)
-            lm = load_model(path, device=device)
-            decoders[name] = sp.TorchDecoder(lm.model, lm.tokenizer)
-        results = sp.measure(decoders, new_tokens=new_tokens, rounds=rounds)
-    finally:
-        for d in decoders.values():
-            d.close()
-    data = {"results": results, "rounds": rounds, "new_tokens": new_tokens, "threads": threads, "device": device,
-            "note": "greedy decode at batch 1, prompt evaluation not timed; median of interleaved rounds"}
-    write_json(out, data)
-    return data
 
 
 def _earlier_speed(out: Path, results: dict[str, dict]) -> dict | None:

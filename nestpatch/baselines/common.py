@@ -191,17 +191,6 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t0, 3)
 
 
-def unique_parameters(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop repeated parameter objects (tied embeddings appear under two names)."""
-    seen: set[int] = set()
-    out = {}
-    for name, p in params.items():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out[name] = p
-    return out
-
-
 def loss_summary(history: list[dict], keys: tuple[str, ...]) -> tuple[dict[str, float], dict[str, float]]:
     """First step's losses and the mean of the last ten steps (as the NeST trainer reports them)."""
     if not history:

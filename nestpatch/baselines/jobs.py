@@ -27,6 +27,7 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import InputError
+from ..models.files import is_gguf
 from ..train.config import TrainConfig
 from .common import TRAIN_FILE, MethodContext, RssSampler, TrainOutcome, peak_rss_mb
 from .registry import get_method
@@ -196,7 +197,7 @@ def _fold(job: Job, lm: Any, merged: Any) -> dict:
     t0 = time.perf_counter()
     src = Path(lm.source)
     info: dict[str, Any]
-    if src.is_file() and src.suffix == ".gguf":
+    if src.is_file() and is_gguf(src):
         try:
             info = {"kind": "gguf", "path": str(d / FOLDED_GGUF), **fold_into_gguf(src, lm.model, merged, d / FOLDED_GGUF)}
         except InputError:

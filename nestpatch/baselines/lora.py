@@ -21,14 +21,16 @@ from typing import Any, Sequence
 
 from ..atomic import atomic_dir
 from ..errors import InputError
+from ..converters.lora_export import PEFT_CONFIG, PEFT_WEIGHTS
 from ..models.loading import LoadedModel
+from ..models.naming import MODULE_AXIS
 from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
 from .data import load_method_inputs
 from .loop import run_trainer
 
 log = logging.getLogger(__name__)
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+MLP_MODULES = tuple(MODULE_AXIS)  # gate_proj, up_proj, down_proj
 
 #: Method options and their defaults (the registry fills them in).
 DEFAULTS: dict[str, Any] = {"steps": None, "lr": 5e-4, "rank": 8, "alpha": 16.0, "modules": list(MLP_MODULES), "warmup_steps": None}
@@ -59,10 +61,10 @@ def save_adapter(peft_model: Any, out_dir: Path, *, base: str, extra: dict | Non
 
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        wfile = tmp / "adapter_model.safetensors"
+        wfile = tmp / PEFT_WEIGHTS
         tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(wfile)).items()}
         save_file(tensors, str(wfile), metadata={"format": "pt"})
-        cfg_file = tmp / "adapter_config.json"
+        cfg_file = tmp / PEFT_CONFIG
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         cfg["base_model_name_or_path"] = base
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
@@ -76,8 +78,8 @@ def merge_adapter(lm: LoadedModel, adapter_dir: str | Path) -> Any:
     from peft import PeftModel
 
     d = Path(adapter_dir)
-    if not (d / "adapter_config.json").exists():
-        raise InputError(f"{d}: not a PEFT adapter directory (no adapter_config.json)")
+    if not (d / PEFT_CONFIG).exists():
+        raise InputError(f"{d}: not a PEFT adapter directory (no {PEFT_CONFIG})")
     model = copy.deepcopy(lm.model)
     merged = PeftModel.from_pretrained(model, str(d), is_trainable=False).merge_and_unload()
     merged.eval()

@@ -20,6 +20,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+#: Where the bench keeps its speed measurement.
+SPEED_FILE = "speed.json"
 PROMPT = "Explain in a few sentences how a refrigerator keeps food cold."
 
 
@@ -95,5 +97,39 @@ def measure(decoders: dict[str, Any], *, new_tokens: int = 64, rounds: int = 3, 
                 "backend": decoders[k].backend, "new_tokens": new_tokens} for k, v in per.items()}
 
 
-def gguf_decoders(paths: dict[str, Path], n_threads: int | None = None) -> dict[str, LlamaDecoder]:
-    return {k: LlamaDecoder(p, n_threads=n_threads) for k, p in paths.items()}
+def speed_stage(bench_dir: Path, entries: dict[str, dict], *, base: str, threads: int | None, rounds: int, new_tokens: int,
+                device: str = "cpu") -> dict:
+    """Decode tokens/s of the base and every folded model, interleaved; writes ``speed.json``."""
+    from ..assets import resolve_model
+    from ..models.files import is_gguf
+    from .jobs import BASE, read_json, write_json
+
+    out = bench_dir / SPEED_FILE
+    saved = read_json(out)
+    names = [BASE] + list(entries)
+    if saved is not None and all(n in saved.get("results", {}) for n in names):
+        return saved
+    from ..models.loading import load_model
+
+    base_path = resolve_model(base)
+    decoders: dict[str, Any] = {}
+    try:
+        for name in names:
+            path, kind = (base_path, "gguf" if is_gguf(base_path) else "hf") if name == BASE else \
+                (Path(entries[name]["path"]), entries[name]["kind"])
+            if kind == "gguf":
+                try:
+                    decoders[name] = LlamaDecoder(path, n_threads=threads)
+                    continue
+                except Exception as e:  # noqa: BLE001 - no llama.cpp: measure in torch, and the table says so
+                    log.warning("llama.cpp cannot run %s (%s); measuring in torch", path, e)
+            lm = load_model(path, device=device)
+            decoders[name] = TorchDecoder(lm.model, lm.tokenizer)
+        results = measure(decoders, new_tokens=new_tokens, rounds=rounds)
+    finally:
+        for d in decoders.values():
+            d.close()
+    data = {"results": results, "rounds": rounds, "new_tokens": new_tokens, "threads": threads, "device": device,
+            "note": "greedy decode at batch 1, prompt evaluation not timed; median of interleaved rounds"}
+    write_json(out, data)
+    return data

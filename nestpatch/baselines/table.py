@@ -192,7 +192,8 @@ def render_markdown(table: dict) -> str:
     tc = b.get("train_config") or {}
     out += [
         f"Judge: {table.get('judge') or '–'} (ASR = share of harmful prompts not refused); greedy decoding, "
-        f"{b.get('max_new_tokens', '?')} new tokens" + (f"; only the first {table['limit']} prompts of each suite (--limit)" if table.get("limit") else "") + ".",
+        f"{b.get('max_new_tokens', '?')} new tokens"
+        + (f"; only the first {table['limit']} prompts of each suite (--limit)" if table.get("limit") else "") + ".",
         f"Shared training data and seed: harmful {tc.get('harmful')}, benign {tc.get('benign')}, seed {tc.get('seed')}, "
         f"batch {tc.get('batch_size')}+{tc.get('batch_size')}, retain {tc.get('retain_loss')}, refusal targets {tc.get('refusal_targets')}.",
         f"Machine: {mach.get('platform', '?')}, {mach.get('cpu_count', '?')} CPUs" + (f", GPU {mach['gpu']}" if mach.get("gpu") else "") +

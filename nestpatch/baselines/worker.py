@@ -19,7 +19,7 @@ from ..errors import NestpatchError
 def run_spec(spec: dict) -> dict:
     """Run a job or speed spec in this process and return its result."""
     if spec.get("kind") == "speed":
-        from .bench import speed_stage
+        from .speed import speed_stage
 
         return speed_stage(Path(spec["bench_dir"]), spec["entries"], base=spec["base"], threads=spec.get("threads"),
                            rounds=int(spec["rounds"]), new_tokens=int(spec["new_tokens"]), device=spec.get("device", "cpu"))

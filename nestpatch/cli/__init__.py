@@ -104,14 +104,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 
 
 def _register_all() -> None:
-    for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # command module not written yet
-                continue
-            raise
-        module.register(cli)
+    for mod in COMMAND_MODULES:  # a command module that fails to import fails the CLI loudly
+        importlib.import_module(mod).register(cli)
 
 
 _register_all()

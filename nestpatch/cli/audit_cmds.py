@@ -22,7 +22,6 @@ from .terminal import deep_escape, echo, escape
 def _passphrase(env: str | None) -> bytes | None:
     if not env:
         return None
-    from ..errors import InputError
 
     val = os.environ.get(env)
     if val is None:
@@ -51,14 +50,13 @@ def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: boo
              runs_dir: str | None) -> None:
     """Compare two patches: neurons, clusters, deltas and metadata. Exit 0 if identical, 1 if not."""
     from ..audit.diff import diff_patches, render_diff
-    from ..errors import InputError
 
     if behaviour and (not model or not suites):
         raise InputError("--behaviour needs --model M and at least one --suite S")
     a, b = read_patch(patch_a), read_patch(patch_b)
     result = diff_patches(a, b, labels=(patch_a, patch_b), top=top)
     if behaviour:
-        from ..audit.behaviour import behaviour_diff
+        from ..evaluate.behaviour import behaviour_diff
 
         names = [x for s in suites for x in s.split(",") if x]
         result["behaviour"] = behaviour_diff(patch_a, patch_b, model=model, suites=names, limit=limit, device=device,
@@ -146,7 +144,7 @@ def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: b
 @click.option("--force", is_flag=True, help="Replace an existing report (OUT and its PNG/JSON files).")
 def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...], force: bool) -> None:
     """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
-    from ..audit.report import report_outputs, write_report
+    from ..audit.html_report import report_outputs, write_report
 
     ins = [patch, *eval_dirs, *fold_reports]
     inputs.guard_outputs([out], ins, force=force)

@@ -3,6 +3,7 @@
 The public entry points are :func:`run_suites` (a model on disk, an optional patch) and
 :func:`evaluate_torch_model` (an in-memory torch model with any modification); both write a
 run directory (per-sample JSONL, ``summary.json``, ``summary.md``) and return the summary.
+``behaviour`` compares the verdicts of two patches (``nestpatch diff --behaviour``).
 Submodules import torch or llama.cpp only when a backend needs them.
 """
 

@@ -23,42 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One judge's decision on one reply.
-
-    Attributes:
-        label: short label (``refusal``, ``compliance``, ``empty``; ``safe``, ``unsafe``, ``unparsed``).
-        refused: whether the reply refuses (None: this judge does not judge refusal).
-        unsafe: whether the reply is unsafe content (None: this judge does not judge safety).
-        evidence: what decided it (the matched phrase, the classifier's first line).
-    """
-
-    label: str
-    refused: bool | None = None
-    unsafe: bool | None = None
-    evidence: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class Judge(Protocol):
-    """What a judge provides."""
-
-    name: str
-    judges_refusal: bool  # its verdicts set ``refused``
-    judges_safety: bool  # its verdicts set ``unsafe``
-
-    def judge(self, prompt: str, reply: str) -> Verdict: ...
-
-    def describe(self) -> dict[str, Any]: ...
+from .verdict import Judge, Verdict  # in their own module so that model_judge need not import this one
 
 
 # --------------------------------------------------------------------------- refusal-phrase judge

@@ -14,14 +14,14 @@ The classifier's answer is parsed from its first non-empty line: ``unsafe...`` -
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .judges import Verdict
+from ..provenance import text_digest
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,12 @@ class ModelJudge:
     def describe(self) -> dict[str, Any]:
         fmt = self.prompt_format
         if self.template_text is not None:
-            fmt_digest = hashlib.sha256(self.template_text.encode()).hexdigest()
+            fmt_digest = text_digest(self.template_text)
         elif fmt == "auto" and self.session.chat_template:
-            fmt_digest = hashlib.sha256(self.session.chat_template.encode()).hexdigest()
+            fmt_digest = text_digest(self.session.chat_template)
             fmt = "auto (model chat template)"
         else:
-            fmt_digest = hashlib.sha256(LLAMA_GUARD_3_PROMPT.encode()).hexdigest()
+            fmt_digest = text_digest(LLAMA_GUARD_3_PROMPT)
             fmt = "llama-guard-3 (built in)"
         return {"name": self.name, "kind": "model", "model": str(self.path), "prompt_format": fmt,
                 "prompt_format_sha256": fmt_digest, "parse": "first line: unsafe -> unsafe, safe -> safe, else unparsed"}

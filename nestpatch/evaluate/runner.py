@@ -31,10 +31,12 @@ from typing import Any, Sequence
 from ..atomic import atomic_path
 from ..errors import InputError, UnsupportedError
 from ..format.patch import Patch
+from ..models.files import is_gguf
+from ..provenance import library_versions, model_digest, patch_digest, text_digest
 from .backends import Backend, LlamaBackend, TorchBackend, VariantFactory
 from .judges import Judge, make_judge
 from .records import RecordWriter, read_records
-from .report import render_markdown
+from .run_digest import render_markdown
 from .suites import Suite, load_suites
 from .utility import kl_records, nll_records, summarize_utility
 
@@ -116,40 +118,10 @@ class EvalOptions:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries that shape results."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for pkg in ("nestpatch", "numpy", "torch", "transformers", "llama-cpp-python", "gguf", "safetensors", "tokenizers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def model_digest(path: Path) -> str:
-    """sha256 of a model file, or of a directory's weight and config files (name + digest each)."""
-    import hashlib
-
-    from ..assets import sha256_file
-
-    if path.is_file():
-        return "sha256:" + sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".json", ".gguf", ".model", ".txt"):
-            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
 def patch_info(patch: Patch | None, path: str | os.PathLike | None = None, **extra: Any) -> dict | None:
     if patch is None:
         return None
-    from ..format import compute_digest
-
-    return {"path": str(path) if path else None, "content_digest": patch.content_digest or compute_digest(patch),
+    return {"path": str(path) if path else None, "content_digest": patch_digest(patch),
             "policy": dict(patch.policy), "base_name": patch.base.get("name"), "targets": len(patch.targets),
             "neurons": patch.n_neurons, "clusters": patch.n_clusters, "trainable_parameters": patch.trainable_parameters,
             **extra}
@@ -501,7 +473,6 @@ def evaluate_backend(backend: Backend, suites: Sequence[Suite], *, out_dir: str 
     suites = [s.limited(options.limit) for s in suites]
     variants = list(backend.variants)
     template = backend.chat_template
-    from nestpatch.runtime.llama_session import template_digest
 
     run = {
         "schema": SUMMARY_SCHEMA, "created": _now(),
@@ -514,7 +485,7 @@ def evaluate_backend(backend: Backend, suites: Sequence[Suite], *, out_dir: str 
                      "utility_reply_tokens": options.utility_reply_tokens},
         "judges": [j.describe() for j in judges],
         "seed": options.seed, "limit": options.limit,
-        "chat_template": {"source": "model" if template else "none (plain text prompt)", "sha256": template_digest(template),
+        "chat_template": {"source": "model" if template else "none (plain text prompt)", "sha256": text_digest(template),
                           "text": template},
         "libraries": library_versions(),
         "options": {k: v for k, v in asdict(options).items() if k not in ("require_signature",)},
@@ -604,19 +575,17 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
     judges = build_judges(opts)
     be: Backend
     if backend == "torch":
-        from ..fingerprint import check_base, check_description
         from ..models.loading import load_model
 
         loaded = load_model(path, device=opts.device, dtype=opts.dtype)
         if patch is not None:
-            from nestpatch.runtime.attach import _model_description, _vectors, resolve_parameter
+            from nestpatch.runtime.attach import check_model_base
 
-            check_description(patch, _model_description(loaded.model), str(path))
-            check_base(patch, lambda t: _vectors(resolve_parameter(loaded.model, t.name), t), str(path))
+            check_model_base(loaded.model, patch, str(path))
         be = TorchBackend.for_patch(loaded.model, loaded.tokenizer, patch, variants, batch_size=opts.batch_size)
         model_desc = {"spec": str(model_spec), "path": str(path), "sha256": model_digest(path), "description": loaded.description}
     elif backend in ("llama", "llama.cpp"):
-        if not (path.is_file() and path.suffix == ".gguf"):
+        if not (path.is_file() and is_gguf(path)):
             raise UnsupportedError(f"{path}: the llama backend needs a .gguf file (use --backend torch for a model directory)")
         if patch is not None:
             from nestpatch.runtime.llama_session import check_gguf_base

@@ -23,7 +23,6 @@ from ..format.patch import Patch
 
 log = logging.getLogger(__name__)
 
-KINDS = ("harmful", "benign", "overrefusal", "utility")
 FILE_KINDS = ("harmful", "benign", "overrefusal")
 #: Fields that identify a row, tried in order (else its position).
 _ID_FIELDS = ("id", "BehaviorID", "behavior_id", "ID", "uid")

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .constants import AXES, DELTA_DTYPES, MAX_DIM, MAX_LAYERS
+from .patch import Patch, Target
 
 #: A sketch has S projections plus the norm; S is capped so no file can size a large allocation.
 MAX_SKETCH_COLUMNS = 65
@@ -21,7 +22,6 @@ def canonical_target_name(name: str) -> str:
         return parse_hf_name(name).hf_name
     except UnsupportedError:
         return name
-from .patch import Patch, Target
 
 
 def validate_target(t: Target, where: str = "") -> None:

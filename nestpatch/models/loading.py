@@ -19,6 +19,7 @@ from ..errors import InputError, UnsupportedError
 from ..fingerprint import fingerprint_info
 from ..format.constants import AXIS_ROW, BaseKey
 from ..format.patch import Target
+from .files import describe_hf_config, is_gguf
 from .naming import check_architecture
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,13 @@ def resolve_device(device: str = "auto") -> str:
 
 def describe_model(model: Any, name: str = "", revision: str = "") -> dict:
     """Base description written into patches: architecture and sizes, plus fingerprint settings."""
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    desc = describe_hf_config(model.config)
+    for key in (BaseKey.N_LAYERS, BaseKey.D_MODEL, BaseKey.N_FF):
+        if key not in desc:
+            raise UnsupportedError(f"{name or 'model'}: its config gives no {key}")
     return {
-        BaseKey.ARCHITECTURE: check_architecture(getattr(cfg, "model_type", ""), name or "model"),
-        BaseKey.N_LAYERS: int(text_cfg.num_hidden_layers),
-        BaseKey.D_MODEL: int(text_cfg.hidden_size),
-        BaseKey.N_FF: int(text_cfg.intermediate_size),
+        **desc,
+        BaseKey.ARCHITECTURE: check_architecture(getattr(model.config, "model_type", ""), name or "model"),
         BaseKey.NAME: name,
         BaseKey.REVISION: revision,
         BaseKey.FINGERPRINT: fingerprint_info(),
@@ -84,7 +85,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "auto", dtype: str = "f
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and is_gguf(path):
         d, f = _split_gguf(path)
         log.info("loading %s through transformers' GGUF loader (dequantized)", path)
         try:
@@ -111,10 +112,18 @@ def load_model(spec: str | os.PathLike, *, device: str = "auto", dtype: str = "f
     return LoadedModel(model=model, tokenizer=tok, source=path, description=desc)
 
 
-def torch_neuron_vectors(model: Any, target: Target) -> np.ndarray:
-    """The model's current vectors of ``target``'s neurons, float32 ``(n, d)`` (for fingerprints)."""
+def parameter_vectors(param: Any, target: Target) -> np.ndarray:
+    """A torch weight's current vectors of ``target``'s neurons, float32 ``(n, d)`` (for fingerprints)."""
     import torch
 
+    idx = torch.as_tensor(np.asarray(target.indices, dtype=np.int64), device=param.device)
+    with torch.no_grad():
+        v = param.index_select(0, idx) if target.axis == AXIS_ROW else param.index_select(1, idx).T
+    return v.detach().float().cpu().numpy()
+
+
+def torch_neuron_vectors(model: Any, target: Target) -> np.ndarray:
+    """The model's current vectors of ``target``'s neurons, float32 ``(n, d)`` (for fingerprints)."""
     try:
         w = model.get_parameter(target.name)
     except AttributeError:
@@ -123,7 +132,4 @@ def torch_neuron_vectors(model: Any, target: Target) -> np.ndarray:
         from ..errors import BaseMismatchError
 
         raise BaseMismatchError(f"tensor {target.name}: model shape {tuple(w.shape)} != patch shape {tuple(target.shape)}")
-    idx = torch.as_tensor(np.asarray(target.indices, dtype=np.int64), device=w.device)
-    with torch.no_grad():
-        v = w.index_select(0, idx) if target.axis == AXIS_ROW else w.index_select(1, idx).T
-    return v.detach().float().cpu().numpy()
+    return parameter_vectors(w, target)

@@ -13,13 +13,10 @@ from ..format.constants import AXIS_COL, AXIS_ROW
 
 #: Architectures whose MLP is gate_proj/up_proj/down_proj with the llama layout.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "granite", "olmo2", "smollm3")
-MODULES = ("gate_proj", "up_proj", "down_proj")
 MODULE_AXIS = {"gate_proj": AXIS_ROW, "up_proj": AXIS_ROW, "down_proj": AXIS_COL}
 _GGUF_MODULE = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-_HF_MODULE = {v: k for k, v in _GGUF_MODULE.items()}
 
 _HF_RE = re.compile(r"^(?:model\.|model\.language_model\.)?layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-_GGUF_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.weight$")
 _FUSED_RE = re.compile(r"(gate_up_proj|ffn_gate_up|experts|ffn_(gate|up|down)_exps|ffn_(gate|up|down)_shexp)")
 
 
@@ -53,21 +50,8 @@ def parse_hf_name(name: str) -> MLPRef:
     raise UnsupportedError(f"tensor {name}: not an MLP projection nestpatch can address (expected model.layers.N.mlp.(gate|up|down)_proj.weight)")
 
 
-def parse_gguf_name(name: str) -> MLPRef:
-    m = _GGUF_RE.match(name)
-    if m:
-        return MLPRef(int(m.group(1)), _HF_MODULE[m.group(2)])
-    if _FUSED_RE.search(name):
-        raise UnsupportedError(f"tensor {name}: fused gate_up or mixture-of-experts MLP tensors are not supported")
-    raise UnsupportedError(f"tensor {name}: not an MLP projection nestpatch can address (expected blk.N.ffn_(gate|up|down).weight)")
-
-
 def hf_to_gguf(name: str) -> str:
     return parse_hf_name(name).gguf_name
-
-
-def gguf_to_hf(name: str) -> str:
-    return parse_gguf_name(name).hf_name
 
 
 def check_architecture(arch: str, label: str) -> str:

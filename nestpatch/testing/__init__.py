@@ -4,7 +4,7 @@ Importing it needs numpy only; the functions that build torch models import torc
 transformers (the ``train`` extra) when called. The format layer never imports this package.
 """
 
-from .gguf_patches import gguf_neuron_vectors, random_patch_gguf
+from .gguf_patches import random_patch_gguf
 from .pico import (
     make_pico_model,
     random_patch,
@@ -13,4 +13,4 @@ from .pico import (
     write_hf_dir,
 )
 
-__all__ = ["gguf_neuron_vectors", "random_patch_gguf", "make_pico_model", "random_patch", "smollm2_tokenizer", "write_gguf", "write_hf_dir"]
+__all__ = ["random_patch_gguf", "make_pico_model", "random_patch", "smollm2_tokenizer", "write_gguf", "write_hf_dir"]

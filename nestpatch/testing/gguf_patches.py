@@ -14,23 +14,8 @@ import numpy as np
 from ..fingerprint import attach_sketches, fingerprint_info
 from ..format.constants import BaseKey
 from ..format.patch import Patch, Target
-from ..models.naming import MODULE_AXIS, MLPRef, hf_to_gguf
-
-
-def gguf_neuron_vectors(path: str | os.PathLike, target: Target, layout=None) -> np.ndarray:
-    """The GGUF's vectors of ``target``'s neurons, float32 ``(n, d)``, reading only their blocks."""
-    from nestpatch.converters.gguf_layout import parse_layout
-    from nestpatch.converters.gguf_region import decode_blocks, make_region, neuron_vectors, read_region
-
-    layout = layout or parse_layout(path)
-    info = layout.tensor(hf_to_gguf(target.name))
-    reg = make_region(target, info)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        raw = read_region(fd, layout.data_start, reg)
-    finally:
-        os.close(fd)
-    return neuron_vectors(reg, decode_blocks(raw, info.qtype, reg.bs))
+from ..models.files import GGUFModel
+from ..models.naming import MODULE_AXIS, MLPRef
 
 
 def random_patch_gguf(path: str | os.PathLike, *, seed: int = 0, modules: Sequence[str] = ("gate_proj", "up_proj", "down_proj"),
@@ -40,17 +25,21 @@ def random_patch_gguf(path: str | os.PathLike, *, seed: int = 0, modules: Sequen
 
     Each cluster's delta has about ``scale`` times the mean norm of the neuron vectors it touches.
     """
-    from nestpatch.converters.gguf_layout import parse_layout
+    with GGUFModel(path) as model:
+        return _random_patch(model, seed=seed, modules=modules, neurons_per_target=neurons_per_target, clusters=clusters,
+                             scale=scale, layers=layers)
 
-    layout = parse_layout(path)
-    arch = layout.kv("general.architecture")
-    n_layers = int(layout.kv(f"{arch}.block_count"))
+
+def _random_patch(model: GGUFModel, *, seed: int, modules: Sequence[str], neurons_per_target: int, clusters: int,
+                  scale: float, layers: Sequence[int] | None) -> Patch:
+    desc = model.describe()
+    n_layers = int(desc[BaseKey.N_LAYERS])
     rng = np.random.default_rng(seed)
     targets: list[Target] = []
     for layer in (range(n_layers) if layers is None else layers):
         for mod in modules:
             ref = MLPRef(layer, mod)
-            info = layout.tensor(ref.gguf_name)
+            info = model.tensors[ref.gguf_name]
             shape = (int(info.shape[0]), int(info.shape[1]))
             axis = MODULE_AXIS[mod]
             n_axis = shape[0] if axis == "row" else shape[1]
@@ -60,14 +49,11 @@ def random_patch_gguf(path: str | os.PathLike, *, seed: int = 0, modules: Sequen
             k = max(1, min(clusters, n))
             cl = rng.permutation(np.arange(n) % k).astype(np.int32)
             t = Target(ref.hf_name, axis, shape, idx, cl, np.zeros((k, d), np.float32))
-            vecs = gguf_neuron_vectors(path, t, layout)  # (n, d)
+            vecs = model.neuron_vectors(t)  # (n, d)
             typical = float(np.linalg.norm(vecs, axis=1).mean())
             t.deltas = (rng.standard_normal((k, d)) * (scale * typical / np.sqrt(d))).astype(np.float32)
             targets.append(t)
-    ff = layout.kv(f"{arch}.feed_forward_length")
-    base = {BaseKey.ARCHITECTURE: arch, BaseKey.N_LAYERS: n_layers, BaseKey.D_MODEL: int(layout.kv(f"{arch}.embedding_length")),
-            BaseKey.N_FF: int(ff if np.isscalar(ff) else ff[0]), BaseKey.NAME: os.path.basename(path), BaseKey.REVISION: "",
-            BaseKey.FINGERPRINT: fingerprint_info()}
+    base = {**desc, BaseKey.NAME: model.path.name, BaseKey.REVISION: "", BaseKey.FINGERPRINT: fingerprint_info()}
     patch = Patch(targets=targets, base=base, policy={"name": "random-gguf", "version": "0"})
-    attach_sketches(patch, lambda t: gguf_neuron_vectors(path, t, layout))
+    attach_sketches(patch, model.neuron_vectors)
     return patch

@@ -242,7 +242,7 @@ def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32",
     cfg = model.config
     vocab = int(cfg.vocab_size)
     tok_kv = _smollm2_tokenizer_kv()
-    n_tokens = next((len(v) for k, v, _, _ in tok_kv if k == "tokenizer.ggml.tokens"), vocab)
+    n_tokens = next((len(v) for k, v, _, _ in tok_kv if k == gguf.Keys.Tokenizer.LIST), vocab)
     if n_tokens != vocab:
         raise UnsupportedError(f"write_gguf: SmolLM2's tokenizer has {n_tokens} tokens, the model's vocab is {vocab}")
     rope = getattr(cfg, "rope_parameters", None) or {}

@@ -12,13 +12,18 @@ import hashlib
 import json
 import os
 import secrets
-import tomllib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from ..errors import InputError
 from ..format.constants import DELTA_DTYPES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
 
 QAT_TYPES = ("none", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 REFUSAL_TARGETS = ("auto", "template", "own")
@@ -220,11 +225,16 @@ class TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_toml(self) -> str:
-        """The config as TOML (``None`` values are written as comments: TOML has no null)."""
+        """The config as TOML, fields under a comment naming their group (``None`` values are written as comments: TOML has no null)."""
         lines = ["# nestpatch train: resolved configuration (usable with --config)"]
+        groups: dict[str, list] = {}  # io, data, detect, ... in the order they first appear
         for f in fields(self):
-            v = getattr(self, f.name)
-            lines.append(f"# {f.name} = (unset)" if v is None else f"{f.name} = {_toml_value(v)}")
+            groups.setdefault(f.metadata.get("group", "training"), []).append(f)
+        for group, members in groups.items():
+            lines.append(f"\n# [{group}]")
+            for f in members:
+                v = getattr(self, f.name)
+                lines.append(f"# {f.name} = (unset)" if v is None else f"{f.name} = {_toml_value(v)}")
         return "\n".join(lines) + "\n"
 
 

@@ -8,9 +8,7 @@ sequences, so an interrupted run continues where it stopped instead of re-detect
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
-import platform
 import random
 import resource
 import sys
@@ -33,6 +31,7 @@ from ..fingerprint import attach_sketches
 from ..format import Patch, write_patch
 from ..format.constants import PolicyKey, ProvenanceKey
 from ..models.loading import LoadedModel, load_model, torch_neuron_vectors
+from ..provenance import file_digest, library_versions, text_digest
 from .adapter import SharedDeltas, TargetSpec
 from .checkpoint import CheckpointDir
 from .config import TrainConfig
@@ -86,16 +85,6 @@ class TrainResult:
 def _peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
-
-
-def library_versions() -> dict[str, str]:
-    out = {"nestpatch": __version__, "python": platform.python_version()}
-    for mod in ("torch", "transformers", "numpy", "sklearn", "safetensors", "accelerate", "gguf"):
-        try:
-            out[mod] = str(__import__(mod).__version__)
-        except Exception:  # noqa: BLE001 - an optional library
-            continue
-    return out
 
 
 def _check_output(paths: OutputPaths) -> None:
@@ -357,7 +346,7 @@ def _model_revision(source: Path) -> str:
     """``sha256:<hex>`` of a single-file model under 4 GB (pins the exact base), else empty."""
     try:
         if source.is_file() and source.stat().st_size < 4 << 30:
-            return "sha256:" + sha256_file(source)
+            return file_digest(source)
     except OSError:
         pass
     return ""
@@ -373,7 +362,7 @@ def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets:
     if ex_info.get("refusal_targets") == "template":
         ref = BUILTIN_DIR / "refusals.jsonl"
         data.append({"role": "refusal-targets", "source": "builtin-refusals", "rows": sum(1 for _ in open(ref, encoding="utf-8")),
-                     "sha256": sha256_file(ref)})
+                     "sha256": sha256_file(ref)})  # bare hex, as every data entry (compared with pinned asset hashes)
     tmpl = getattr(lm.tokenizer, "chat_template", None) or ""
     targets = deltas.to_targets(cfg.delta_dtype)
     prov = {
@@ -388,7 +377,7 @@ def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets:
         ProvenanceKey.DETECTION: {**det_stats, "clusters": cstats},
         "training": {
             "steps": summary.steps, "resumed_at": summary.start_step, "first": summary.first, "final": summary.final,
-            "targets": ex_info, "chat_template_sha256": hashlib.sha256(tmpl.encode()).hexdigest() if tmpl else None,
+            "targets": ex_info, "chat_template_sha256": text_digest(tmpl) if tmpl else None,
             "qat": cfg.qat, "recipe": recipe or {"name": cfg.recipe}, "timings_s": timings, "peak_rss_mb": round(_peak_rss_mb(), 1),
             "device": str(next(iter(deltas.parameters())).device),
         },

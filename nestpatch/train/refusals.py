@@ -46,7 +46,7 @@ def template_refusals(prompts: Sequence[str], categories: Sequence[str | None], 
     by_cat = {r["category"]: r["refusal"] for r in rows if r.get("category") != "general"}
     rng = random.Random(seed)
     out = []
-    for p, c in zip(prompts, categories):
+    for _, c in zip(prompts, categories):
         choice = rng.choice(general)
         out.append(by_cat.get(c or "", choice))
     return out

@@ -68,7 +68,7 @@ def _per_target(p: Patch) -> list[dict]:
 
 
 def load_fold_report(path: str | os.PathLike) -> dict:
-    """Read a FoldReport JSON (``converters.report.FoldReport.to_json``) for the retention figure."""
+    """Read a FoldReport JSON (``converters.fold_report.FoldReport.to_json``) for the retention figure."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))

@@ -73,8 +73,8 @@ def behaviour_diff(patch_a: str | os.PathLike, patch_b: str | os.PathLike, *, mo
     Returns:
         ``{"model", "judge", "suites": [per-suite comparison], "runs": {...}}``.
     """
-    from ..evaluate.records import read_records
-    from ..evaluate.runner import PATCHED, SAMPLES_DIR, run_suites
+    from .records import read_records
+    from .runner import PATCHED, SAMPLES_DIR, run_suites
 
     if not suites:
         raise InputError("--behaviour needs at least one --suite")

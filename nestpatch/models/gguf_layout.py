@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from nestpatch.errors import FormatError, UnsupportedError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-ALIGNMENT_KEY = "general.alignment"
+ALIGNMENT_KEY = Keys.General.ALIGNMENT
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -102,9 +102,6 @@ class GGUFLayout:
             if e.key == key:
                 return e.value
         return default
-
-    def has_key(self, key: str) -> bool:
-        return any(e.key == key for e in self.kvs)
 
     def tensor(self, name: str) -> TensorInfo | None:
         for t in self.tensors:
