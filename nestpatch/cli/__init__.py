@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "nestpatch.cli.eval_cmd",
     "nestpatch.cli.audit_cmds",
     "nestpatch.cli.bench_cmd",
+    "nestpatch.cli.robustness_cmd",
 )
 
 

@@ -131,11 +131,14 @@ def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: b
 @click.option("--eval", "eval_dirs", multiple=True, type=click.Path(), help="An evaluation run directory (repeatable).")
 @click.option("--fold-report", "fold_reports", multiple=True, type=click.Path(dir_okay=False),
               help="A fold report JSON (repeatable): adds retention per target.")
-def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...]) -> None:
+@click.option("--robustness", "robustness_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="A `nestpatch robustness` run directory (repeatable): adds ASR after each attack.")
+def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...],
+               robustness_dirs: tuple[str, ...] = ()) -> None:
     """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
     from ..audit.report import write_report
 
-    res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports)
+    res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports, robustness_dirs=robustness_dirs)
     click.echo(f"wrote {res.html} ({len(res.pngs)} figures: {', '.join(p.name for p in res.pngs)})")
 
 
