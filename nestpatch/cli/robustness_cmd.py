@@ -37,7 +37,7 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--attacks", default="ablation,pruning,finetune", show_default=True, help="Attacks to run.")
 @click.option("--prune", "prune", default="50,200,800", show_default=True, help="Numbers of neurons pruned.")
 @click.option("--ft-steps", default="10,50,100", show_default=True, help="LoRA fine-tuning step counts evaluated.")
-@click.option("--ft-lr", type=float, default=1e-4, show_default=True, help="Fine-tuning attack learning rate.")
+@click.option("--ft-lr", type=float, default=2e-4, show_default=True, help="Fine-tuning attack learning rate.")
 @click.option("--ft-rank", type=click.IntRange(1), default=8, show_default=True, help="Fine-tuning attack LoRA rank.")
 @click.option("--ft-batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--attack-pairs", type=click.IntRange(2), default=64, show_default=True,

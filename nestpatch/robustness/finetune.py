@@ -43,7 +43,7 @@ class FinetuneConfig:
     steps: tuple[int, ...] = (10, 50, 100)
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 4
     max_length: int = 192
     seed: int = 0
