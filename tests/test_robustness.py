@@ -137,3 +137,16 @@ def test_bad_baseline_argument_is_one_line_exit_2(pico_hf_dir, pico_patch, tmp_p
         r = CliRunner().invoke(cli, ["robustness", str(pico_hf_dir), "--patch", str(pf), "-o", str(tmp_path / "o"), *bad])
         assert r.exit_code == 2 and msg in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_no_base_attacks_evaluates_the_base_only_as_the_reference(pico_hf_dir, pico_patch, tmp_path):
+    pf = write_patch(pico_patch, tmp_path / "p.nestpatch")
+    out = tmp_path / "rob"
+    r = CliRunner().invoke(cli, ["robustness", str(pico_hf_dir), "--patch", str(pf), "-o", str(out), "--attacks", "pruning",
+                                 "--prune", "4", "--no-base-attacks", "--limit", "2", "--max-new-tokens", "2",
+                                 "--direction-prompts", "4", "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert sorted((p["update"], p["attack"]) for p in res["points"]) == [("base", "none"), ("nest", "none"), ("nest", "pruning")]
+    assert "pruning" not in res["attacks"]["base"] and "pruning" in res["attacks"]["nest"]
+    assert "| base | " in (out / "results.md").read_text()

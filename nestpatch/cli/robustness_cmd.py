@@ -54,12 +54,15 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--device", default="auto", show_default=True, help="torch: auto|cpu|cuda|mps.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--base-attacks/--no-base-attacks", default=True, show_default=True,
+              help="Attack the base model too; without, the base is only evaluated (the reference ASR).")
 @click.option("--resume", is_flag=True, help="Continue a run, reading back finished evaluation points.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def robustness_cmd(model: str, patch: str, patch_name: str, baselines: tuple[str, ...], out_dir: str, suites: str, limit: int,
                    attacks: str, prune: str, ft_steps: str, ft_lr: float, ft_rank: int, ft_batch_size: int, attack_pairs: int,
                    answer_model: str | None, direction_prompts: int, val_prompts: int, kl_max: float, max_new_tokens: int,
-                   batch_size: int, judges: str, device: str, threads: int | None, seed: int, resume: bool, quiet: bool) -> None:
+                   batch_size: int, judges: str, device: str, threads: int | None, seed: int, base_attacks: bool, resume: bool,
+                   quiet: bool) -> None:
     """Attack MODEL, MODEL + PATCH and any baselines with weight access; report ASR after each attack.
 
     \b
@@ -91,7 +94,7 @@ def robustness_cmd(model: str, patch: str, patch_name: str, baselines: tuple[str
         attacks=_names(attacks), prune_counts=_ints(prune, "--prune"),
         finetune=FinetuneConfig(steps=_ints(ft_steps, "--ft-steps"), rank=ft_rank, lr=ft_lr, batch_size=ft_batch_size, seed=seed),
         attack_pairs=attack_pairs, answer_model=answer_model, direction_prompts=direction_prompts, val_prompts=val_prompts,
-        kl_max=kl_max, seed=seed, device=device, resume=resume, progress=not quiet)
+        kl_max=kl_max, seed=seed, device=device, attack_base=base_attacks, resume=resume, progress=not quiet)
     results = run_robustness(model, updates, out_dir, opts)
     click.echo(render_markdown(results))
     click.echo(f"wrote {Path(out_dir) / TABLE_FILE}, results.json, samples.jsonl and the plots in {out_dir}")

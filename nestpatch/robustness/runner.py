@@ -61,6 +61,7 @@ class RobustnessOptions:
         val_prompts: HarmBench *validation* and built-in held-out benign prompts each, to choose
             the ablation layer.
         kl_max: KL ceiling of the ablation layer choice (Arditi et al. use 0.1).
+        attack_base: attack the base model too (else it is only evaluated, as the reference).
         resume: read back finished evaluation points.
     """
 
@@ -80,6 +81,7 @@ class RobustnessOptions:
     kl_max: float = 0.1
     seed: int = 0
     device: str = "auto"
+    attack_base: bool = True
     resume: bool = False
     progress: bool = True
 
@@ -225,6 +227,8 @@ def _attack_update(model_u: Any, upd: SafetyUpdate, tok: Any, opts: RobustnessOp
     details: dict[str, Any] = {}
     ev(model_u, upd.name, NONE, 0)
     tick(1)
+    if upd.name == BASE and not opts.attack_base:
+        return details
     if "ablation" in opts.attacks:
         from .ablation import choose_direction, orthogonalize
 
@@ -333,7 +337,8 @@ def run_robustness(model_spec: str | os.PathLike, updates: Sequence[SafetyUpdate
     per_update = 1 + ("ablation" in opts.attacks) + len(opts.prune_counts) * ("pruning" in opts.attacks) + \
         len(opts.finetune.steps) * ("finetune" in opts.attacks)
     details = {}
-    with tqdm(total=per_update * len(all_updates), desc="robustness points", disable=not opts.progress) as bar:
+    total = per_update * len(all_updates) - (0 if opts.attack_base else per_update - 1)
+    with tqdm(total=total, desc="robustness points", disable=not opts.progress) as bar:
         for upd in all_updates:
             model_u = materialize(lm, upd)
             details[upd.name] = _attack_update(model_u, upd, lm.tokenizer, opts, prompts, pairs, ev, out, bar.update)
