@@ -138,7 +138,8 @@ def provenance_rows(p: Patch) -> list[tuple[str, str]]:
     return rows
 
 
-def report_data(p: Patch, patch_path: str, *, folds: Sequence[dict] = (), runs: Sequence[EvalRun] = ()) -> dict:
+def report_data(p: Patch, patch_path: str, *, folds: Sequence[dict] = (), runs: Sequence[EvalRun] = (),
+                robustness: Sequence[dict] = ()) -> dict:
     """Everything the report shows, as JSON-able data (also written as ``<stem>.json``)."""
     per_target = _per_target(p)
     return {
@@ -154,6 +155,7 @@ def report_data(p: Patch, patch_path: str, *, folds: Sequence[dict] = (), runs: 
         "evaluation": eval_rows(runs),
         "eval_runs": [r.summary_info() for r in runs],
         "provenance": provenance_rows(p),
+        "robustness": list(robustness),
     }
 
 
@@ -230,6 +232,18 @@ def render_html(data: dict, figs: dict[str, bytes]) -> str:
                             r.get("n") or "-", r.get("judge") or "-") for r in ev], num_cols=(3, 4, 5)))
     else:
         sec.append('<p class="note">No evaluation run given (pass <code>--eval RUN_DIR</code> from <code>nestpatch eval</code>).</p>')
+    if data.get("robustness"):
+        from ..robustness.render import plot_file, table_rows
+
+        sec.append("<h2>Robustness to white-box attacks</h2>")
+        for i, r in enumerate(data["robustness"]):
+            suite = r["primary_suite"]
+            sec.append(f'<p class="note">{_e(r.get("run_dir", ""))}: ASR on {_e(suite)} after each attack '
+                       f'(cost to remove = smallest attack strength that brings the update back to the base ASR).</p>')
+            sec.append(_table(*table_rows(r, suite)))
+            if f"robustness{i}" in figs:
+                sec.append(_img(figs[f"robustness{i}"], f"ASR vs attack strength ({plot_file(suite)})",
+                                "ASR vs attack strength, one line per safety update; dashed: the base model's ASR."))
     sec.append("<h2>Provenance</h2>")
     sec.append(_table(["field", "value"], data["provenance"]))
     tpl = Template(resources.files("nestpatch.audit").joinpath("templates/report.html").read_text(encoding="utf-8"))
@@ -262,11 +276,17 @@ def make_figures(data: dict) -> dict[str, bytes]:
         figs["retention"] = figures.retention(data["folds"])
     if data["evaluation"]:
         figs["eval"] = figures.eval_bars(data["evaluation"])
+    if data.get("robustness"):
+        from ..robustness.render import plot_png
+
+        for i, r in enumerate(data["robustness"]):
+            figs[f"robustness{i}"] = plot_png(r, r["primary_suite"])
     return figs
 
 
 def write_report(patch_path: str | os.PathLike, out_html: str | os.PathLike, *,
-                 eval_dirs: Sequence[str | os.PathLike] = (), fold_reports: Sequence[str | os.PathLike] = ()) -> ReportOutput:
+                 eval_dirs: Sequence[str | os.PathLike] = (), fold_reports: Sequence[str | os.PathLike] = (),
+                 robustness_dirs: Sequence[str | os.PathLike] = ()) -> ReportOutput:
     """Write ``out_html`` plus ``<stem>-<figure>.png`` and ``<stem>.json`` next to it.
 
     Every input is read and every figure rendered before anything is written; each file is
@@ -281,7 +301,10 @@ def write_report(patch_path: str | os.PathLike, out_html: str | os.PathLike, *,
         if f["patch_digest"] and p.content_digest and f["patch_digest"] != p.content_digest:
             log.warning("%s: fold report is for patch %s, not %s", f["path"], f["patch_digest"], p.content_digest)
     runs = [load_eval_run(d) for d in eval_dirs]
-    data = report_data(p, str(patch_path), folds=folds, runs=runs)
+    from ..robustness.render import load_results
+
+    rob = [{**load_results(d), "run_dir": str(d)} for d in robustness_dirs]
+    data = report_data(p, str(patch_path), folds=folds, runs=runs, robustness=rob)
     figs = make_figures(data)
     page = render_html(data, figs)
     res = ReportOutput(html=out)

@@ -141,15 +141,18 @@ def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: b
 @click.option("--eval", "eval_dirs", multiple=True, type=click.Path(), help="An evaluation run directory (repeatable).")
 @click.option("--fold-report", "fold_reports", multiple=True, type=click.Path(dir_okay=False),
               help="A fold report JSON (repeatable): adds retention per target.")
+@click.option("--robustness", "robustness_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="A `nestpatch robustness` run directory (repeatable): adds ASR after each attack.")
 @click.option("--force", is_flag=True, help="Replace an existing report (OUT and its PNG/JSON files).")
-def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...], force: bool) -> None:
+def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...],
+               robustness_dirs: tuple[str, ...], force: bool) -> None:
     """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
     from ..audit.html_report import report_outputs, write_report
 
-    ins = [patch, *eval_dirs, *fold_reports]
+    ins = [patch, *eval_dirs, *fold_reports, *robustness_dirs]
     inputs.guard_outputs([out], ins, force=force)
     inputs.guard_outputs(report_outputs(out), ins, force=True)  # companions: replaced with the page
-    res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports)
+    res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports, robustness_dirs=robustness_dirs)
     echo(f"wrote {escape(res.html)} ({len(res.pngs)} figures: {', '.join(escape(p.name) for p in res.pngs)})")
 
 
