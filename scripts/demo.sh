@@ -15,16 +15,16 @@ limit=()
 mkdir -p "$OUT"
 model=$($np fetch smollm2)
 echo "== 1/4 train on $model"
-$np train --model "$model" --out "$OUT/policy.nestpatch"
+$np train --model "$model" --out "$OUT/policy.nestpatch" --force
 $np inspect "$OUT/policy.nestpatch"
 echo "== 2/4 fold into GGUF"
 $np apply "$model" "$OUT/policy.nestpatch" -o "$OUT/SmolLM2-135M-Instruct.nest.Q4_1.gguf" \
-  --precision auto --report-json "$OUT/fold.json"
+  --precision auto --report-json "$OUT/fold.json" --force
 echo "== 3/4 evaluate base vs patched (llama.cpp)"
 rm -rf "$OUT/eval"
 $np eval "$model" --patch "$OUT/policy.nestpatch" --suite harmbench,benign,overrefusal,utility \
   --backend llama --patch-mode fold --precision auto --compare "${limit[@]}" -o "$OUT/eval"
 cat "$OUT/eval/summary.md"
 echo "== 4/4 report"
-$np report "$OUT/policy.nestpatch" --eval "$OUT/eval" --fold-report "$OUT/fold.json" -o "$OUT/report.html"
+$np report "$OUT/policy.nestpatch" --eval "$OUT/eval" --fold-report "$OUT/fold.json" -o "$OUT/report.html" --force
 echo "done: $OUT/policy.nestpatch, $OUT/SmolLM2-135M-Instruct.nest.Q4_1.gguf, $OUT/eval/summary.md, $OUT/report.html"
