@@ -168,7 +168,9 @@ def test_balance_by_form_gives_every_form_an_equal_share_of_the_budget() -> None
 
     prop, bal = forms("none"), forms("form")
     assert prop["question"] > 80  # Do-Not-Answer's 939 questions crowd out the other forms
-    assert max(bal.values()) - min(bal.values()) <= 1 and len(bal) >= 6 and bal["question"] == 20
+    share = 120 // len(bal)  # water-filling: a form short of prompts gives all it has, the others share the rest
+    assert len(bal) >= 5 and bal["question"] <= share + 1 < prop["question"]
+    assert min(bal.values()) >= share - 3
     cfg = TrainConfig(model="m", out="o.nestpatch", harmful=["builtin-harmful", "donotanswer"], max_prompts=100, seed=0,
                       balance_by="source")
     h, _ = load_training_prompts(cfg)
