@@ -23,7 +23,9 @@ fi
 t0=$(date +%s)
 torch_index=${NESTPATCH_TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 torch_args=()
-[ -n "$torch_index" ] && torch_args=(--extra-index-url "$torch_index")
+# --retries 1: where the index is unreachable (an offline mirror serves torch), each of torch's
+# dependencies would otherwise wait through five retries before pip falls back to its own configuration.
+[ -n "$torch_index" ] && torch_args=(--extra-index-url "$torch_index" --retries 1)
 if ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.0'))" 2>/dev/null; then
   "${pip[@]}" install -q "${torch_args[@]}" torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
 fi
