@@ -13,7 +13,6 @@ quantization step, so ``--precision auto`` must upcast them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nestpatch.assets import fetch, get_asset
+from nestpatch.assets import fetch, get_asset, sha256_file
 from nestpatch.converters.gguf_fold import fold_gguf, revert_gguf
 from nestpatch.models.gguf_layout import parse_layout
 from nestpatch.converters.lora_export import export_gguf_lora
@@ -36,13 +35,6 @@ BIG_LAYERS, TINY_LAYER = (3, 14), 5
 #: A short ChatML turn (the model's own template), 15 tokens: cheap and on the chat distribution.
 PROMPT = b"<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +101,7 @@ def test_auto_upcasts_only_where_retention_is_low(folds: dict[str, Any]) -> None
 def test_revert_is_byte_exact(folds: dict[str, Any], tmp_path: Path) -> None:
     path, _ = folds["auto"]  # retyped tensors (whole) and re-encoded blocks
     out = revert_gguf(path, tmp_path / "reverted.gguf")
-    assert _sha256(out) == get_asset(MODEL).sha256
+    assert sha256_file(out) == get_asset(MODEL).sha256
 
 
 def test_verify_passes_on_the_fold(qwen05: Path, qpatch: tuple[Patch, Path], folds: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ trained on the prompts it is judged by.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..assets import sha256_file
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,6 @@ class PromptSet:
         """The entry for ``provenance["data"]``: role, source, rows used, sha256 of the source."""
         return {"role": role, "source": self.source, "rows": len(self.prompts), "sha256": self.sha256}
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pick_column(path: Path, fields: Sequence[str], column: str | None) -> str:
@@ -288,7 +281,7 @@ def load_prompts(spec: str | os.PathLike, *, column: str | None = None, limit: i
     """
     spec = str(spec)
     path, ns = resolve_source(spec)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     eval_only = bool(ns and ns.eval_only) or (ns is None and _is_eval_file(path, digest) is not None)
     if eval_only and not allow_eval:
         which = ns.name if ns else _is_eval_file(path, digest)

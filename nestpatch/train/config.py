@@ -41,6 +41,17 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "t
     return field(default=default, metadata=meta, **kw)
 
 
+
+def read_toml(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is one ``InputError`` naming it (``what``: its role)."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such {what}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{p}: invalid TOML ({e})") from None
+
 @dataclass
 class TrainConfig:
     """Everything ``nestpatch train`` needs. Defaults are the measured defaults of docs/RESULTS.md."""
@@ -210,12 +221,7 @@ class TrainConfig:
     def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
         """Read a TOML file; keys may sit at the top level or under a ``[train]`` table."""
         p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{p}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise InputError(f"{p}: invalid TOML ({e})") from None
+        data = read_toml(p, "config file")
         if "train" in data and isinstance(data["train"], dict):
             data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
         return cls.from_dict(data, str(p))

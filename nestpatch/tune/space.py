@@ -15,12 +15,11 @@ head weights and the data mix; a ``--space`` TOML file replaces the entries it n
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from ..errors import InputError
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, read_toml
 
 #: name -> spec (see the module doc). Ranges bracket the measured defaults of docs/RESULTS.md.
 DEFAULT_SPACE: dict[str, Any] = {
@@ -155,12 +154,7 @@ def load_space(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return spec
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such space file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{p}: invalid TOML ({e})") from None
+    data = read_toml(p, "space file")
     if isinstance(data.get("space"), dict):
         data = data["space"]
     spec.update({k.replace("-", "_"): v for k, v in data.items()})
