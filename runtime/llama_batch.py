@@ -212,9 +212,9 @@ class BatchDecoder:
                 assert sl is not None
                 logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,))  # (V,)
                 tok = int(np.argmax(logits))
-                finish = None
+                finish, stop = None, None
                 if lc.llama_vocab_is_eog(self._vocab, tok):
-                    finish = "stop"
+                    finish, stop = "stop", tok
                 else:
                     sl.out.append(tok)
                     piece = sl.decoder.decode(llm.detokenize([tok], special=False))
@@ -226,7 +226,7 @@ class BatchDecoder:
                     tail = sl.decoder.decode(b"", final=True)
                     results[sl.index] = Generation(text="".join(sl.pieces) + tail, tokens=sl.out,
                                                    n_prompt_tokens=len(sl.prompt),
-                                                   seconds=time.perf_counter() - sl.t0, finish=finish)
+                                                   seconds=time.perf_counter() - sl.t0, finish=finish, stop_token=stop)
                     slots[s] = None
                     lc.llama_memory_seq_rm(mem, s, -1, -1)
         assert all(r is not None for r in results)

@@ -46,6 +46,7 @@ class Generation:
     seconds: float
     finish: str  # "stop" (end-of-generation token) or "length" (max_new_tokens reached)
     prompt_text: str = ""
+    stop_token: int | None = None  # the end-of-generation token that ended it (not in ``tokens``)
 
     @property
     def n_new_tokens(self) -> int:

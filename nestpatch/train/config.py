@@ -28,6 +28,7 @@ else:  # Python 3.10: the same parser, published as tomli
 QAT_TYPES = ("none", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 REFUSAL_TARGETS = ("auto", "template", "own")
 RETAIN_LOSSES = ("kl", "ce", "none")
+ANSWER_BACKENDS = ("auto", "llama", "torch")
 SCHEDULES = ("cosine", "constant")
 BALANCE_BY = ("none", "source", "form")
 
@@ -125,6 +126,10 @@ class TrainConfig:
                            "on CPUs without native bf16 it is several times slower.", group="runtime")
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default).", group="runtime")
     batch_size_detect: int = _f(16, "Batch size for detection and answer generation.", group="runtime")
+    answer_backend: str = _f("auto", "What generates the base model's answers (own refusals, retain answers): llama.cpp on the GGUF "
+                                     "file itself, with batched decoding (llama; auto picks it for a .gguf model when llama-cpp-python "
+                                     "is installed: several times faster on a CPU than torch's generate on the dequantized weights), "
+                                     "or torch.", choices=ANSWER_BACKENDS, group="runtime")
     checkpoint_every: int = _f(20, "Save a checkpoint every this many steps (0 = only at the end).", group="runtime")
     resume: bool = _f(False, "Resume from the checkpoint next to --out after an interruption.", group="runtime")
     keep_checkpoint: bool = _f(False, "Keep the checkpoint directory after a successful run.", group="runtime")

@@ -8,6 +8,7 @@ sequences, so an interrupted run continues where it stopped instead of re-detect
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import logging
 import random
 import resource
@@ -36,7 +37,7 @@ from .adapter import SharedDeltas, TargetSpec
 from .checkpoint import CheckpointDir
 from .config import TrainConfig
 from .datamix import balance
-from .examples import Example, generate_answers, prompt_ids, recovery_examples, response_ids
+from .examples import Example, LlamaAnswers, generate_answers, prompt_ids, recovery_examples, response_ids
 from .recipes import apply_recipe
 from .refusals import own_refusals, refusal_judge, template_refusals
 from .trainer import Trainer, TrainSummary
@@ -196,15 +197,40 @@ def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats
                    bars: _Bars | None = None) -> tuple[list[Example], list[Example], dict]:
     """Refusal targets for harmful prompts and the base model's own answers for benign ones."""
     bars = bars or _Bars(False)
+    llama = answer_decoder(lm, cfg)
+    try:
+        return _build_examples(lm, cfg, harmful, h_cats, benign, bars, llama)
+    finally:
+        if llama is not None:
+            llama.close()
+
+
+def answer_decoder(lm: LoadedModel, cfg: TrainConfig) -> LlamaAnswers | None:
+    """llama.cpp on the model's GGUF for the base model's answers, when ``answer_backend`` picks it."""
+    is_gguf = lm.source.is_file() and lm.source.suffix.lower() == ".gguf"
+    backend = cfg.answer_backend
+    if backend == "auto":
+        backend = "llama" if is_gguf and importlib.util.find_spec("llama_cpp") is not None else "torch"
+    if backend == "torch":
+        return None
+    if not is_gguf:
+        raise InputError(f"{lm.source}: --answer-backend llama needs a .gguf model")
+    log.info("base answers from llama.cpp on %s (batched)", lm.source.name)
+    return LlamaAnswers(lm.source, threads=cfg.threads)
+
+
+def _build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats: list[str | None], benign: list[str],
+                    bars: _Bars, llama: LlamaAnswers | None) -> tuple[list[Example], list[Example], dict]:
     tok, seed = lm.tokenizer, int(cfg.seed or 0)
     judge_name, judge = refusal_judge()
-    info: dict[str, Any] = {"refusal_targets": "template", "judge": judge_name}
+    info: dict[str, Any] = {"refusal_targets": "template", "judge": judge_name,
+                            "answers_from": "llama.cpp" if llama is not None else "torch"}
     mode = cfg.refusal_targets
     own_ids: list[list[int]] | None = None
     if mode in ("auto", "own"):
         sample = harmful if mode == "own" else _sample(harmful, STYLE_SAMPLE, seed + 2)
         ids = generate_answers(lm.model, tok, sample, max_new_tokens=48, batch_size=cfg.batch_size_detect, max_length=cfg.max_length,
-                               progress=bars.counter("refusal style", len(sample)))
+                               progress=bars.counter("refusal style", len(sample)), llama=llama)
         texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
         share = sum(judge(p, a) for p, a in zip(sample, texts)) / max(1, len(sample))
         info["base_refusal_share"] = round(share, 4)
@@ -213,7 +239,7 @@ def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats
                 done = dict(zip(sample, ids))
                 rest = [p for p in harmful if p not in done]
                 more = generate_answers(lm.model, tok, rest, max_new_tokens=48, batch_size=cfg.batch_size_detect,
-                                        max_length=cfg.max_length, progress=bars.counter("own refusals", len(rest)))
+                                        max_length=cfg.max_length, progress=bars.counter("own refusals", len(rest)), llama=llama)
                 done.update(zip(rest, more))
                 ids = [done[p] for p in harmful]
                 texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
@@ -237,7 +263,7 @@ def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats
     b_examples: list[Example] = []
     if cfg.retain_loss != "none":
         answers = generate_answers(lm.model, tok, benign, max_new_tokens=cfg.retain_answer_tokens, batch_size=cfg.batch_size_detect,
-                                   max_length=cfg.max_length, progress=bars.counter("base answers", len(benign)))
+                                   max_length=cfg.max_length, progress=bars.counter("base answers", len(benign)), llama=llama)
         b_examples = [Example("benign", p, prompt_ids(tok, p, cfg.max_length), a) for p, a in zip(benign, answers) if a]
     bars.close()
     return h_examples, b_examples, info
