@@ -275,7 +275,8 @@ def dataclass_options(cls: type, *, exclude: Iterable[str] = (), help: dict[str,
             text = (meta.get("help") or extra.get(name, "")) + (f"  [default: {shown}]" if shown else "")
             if typ is bool:
                 f = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=text)(f)
-            elif multiple:
+            elif multiple:  # numbers are typed after the comma split (dataclass_overrides), so "1,2" parses
+                typ = typ if isinstance(typ, click.Choice) else str
                 f = click.option(flag, name, type=typ, multiple=True, help=text + " (repeatable; commas also split)")(f)
             else:
                 f = click.option(flag, name, type=typ, default=None, help=text)(f)
