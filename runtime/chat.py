@@ -207,3 +207,60 @@ class Chat:
             self.messages = []
             return ChatEvent("info", f"patch {arg}; history cleared (/retry asks the last prompt again)", patch_on=self.engine.patch_on)
         return ChatEvent("info", f"unknown command /{cmd}; {HELP}")
+
+
+@dataclass
+class ChatIO:
+    """The terminal side of a session, supplied by the CLI (this module never prints).
+
+    Args:
+        read: ``read(label)`` returns the next input line, or None at the end of input.
+        write: reply text and piped-input headers (stdout), written as given (no newline added).
+        note: an informational line (``# ...``).
+        interactive: a person types (prompts shown); else one prompt per input line, each
+            reply preceded by a ``> [patch on] prompt`` header so a transcript reads on its own.
+    """
+
+    read: Callable[[str], str | None]
+    write: Callable[[str], None]
+    note: Callable[[str], None]
+    interactive: bool
+
+
+def run_session(chat: Chat, io: ChatIO) -> None:
+    """Read lines until the end of input or ``/quit``, answering prompts and commands through ``io``."""
+    engine = chat.engine
+    header: list[str] = []  # piped input: the header waits until the reply's first piece streams
+
+    def stream(piece: str) -> None:
+        if header:
+            io.write(header.pop() + "\n")
+        io.write(piece)
+
+    def tag() -> str:
+        return "" if not engine.has_patch else (" [patch on]" if engine.patch_on else " [patch off]")
+
+    while True:
+        line = io.read(f"you{tag()}" if io.interactive else "")
+        if line is None:
+            break
+        if not io.interactive:
+            cmd = line.strip().lower()
+            if cmd and not cmd.startswith("/"):
+                header[:] = [f">{tag()} {line.strip()}"]
+            elif cmd == "/retry" and chat.last_prompt is not None:
+                header[:] = [f">{tag()} {chat.last_prompt}"]
+        event = chat.handle(line, on_text=stream)
+        if header and event is not None and event.kind == "reply":
+            io.write(header.pop() + "\n")  # an empty reply streamed nothing
+        if event is None:
+            continue
+        if event.kind == "quit":
+            break
+        if event.kind == "info":
+            io.note(f"# {event.text}")
+            continue
+        header.clear()
+        io.write("" if event.text.endswith("\n") else "\n")
+        if not io.interactive:
+            io.write("\n")

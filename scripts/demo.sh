@@ -15,7 +15,7 @@ limit=()
 mkdir -p "$OUT"
 model=$($np fetch smollm2)
 echo "== 1/4 train on $model"
-$np train --model "$model" --out "$OUT/policy.nestpatch" --force
+$np train "$model" -o "$OUT/policy.nestpatch" --force
 $np inspect "$OUT/policy.nestpatch"
 echo "== 2/4 fold into GGUF"
 $np apply "$model" "$OUT/policy.nestpatch" -o "$OUT/SmolLM2-135M-Instruct.nest.Q4_1.gguf" \

@@ -20,7 +20,7 @@ sha=$(sha256sum $F | cut -d' ' -f1); echo "$sha"; echo "$sha" > $F.sha256
 python3 -c "import transformers, torch; print(transformers.__version__, torch.__version__, torch.cuda.is_available())"
 job() {  # name, extra train flags
   n=$1; shift
-  timeout 300 python3 -m nestpatch train --model qwen2.5-coder-0.5b --device cuda --out $OUT/$n.nestpatch "$@" > /tmp/$n.train.log 2>&1
+  timeout 300 python3 -m nestpatch train qwen2.5-coder-0.5b --device cuda -o $OUT/$n.nestpatch "$@" > /tmp/$n.train.log 2>&1
   echo "$n train rc=$? $(( $(date +%s) - t0 ))s"; tail -3 /tmp/$n.train.log
   [ -f $OUT/$n.nestpatch ] || return
   timeout $(( 540 - ($(date +%s) - t0) )) python3 -m nestpatch eval qwen2.5-coder-0.5b --patch $OUT/$n.nestpatch --compare \

@@ -15,7 +15,7 @@ base="$($np fetch "$model")"
 echo "model: $base"
 echo "other processes on this machine (the cores are shared):"
 ps -eo pcpu,etime,args --sort=-pcpu | head -8
-/usr/bin/time -v -o "runs/$model.time" "$np" train --model "$model" --out "runs/$model.nestpatch" --seed 0 --threads 2 "$@"
+/usr/bin/time -v -o "runs/$model.time" "$np" train "$model" -o "runs/$model.nestpatch" --seed 0 --threads 2 "$@"
 grep -E "Elapsed|Maximum resident|User time|System time" "runs/$model.time"
 "$np" apply "$model" "runs/$model.nestpatch" -o "runs/$model.nest.gguf" --precision auto --report-json "runs/$model.fold.json"
 "$np" eval "$model" --patch "runs/$model.nestpatch" --suite harmbench --limit 20 --backend llama --compare \

@@ -273,7 +273,7 @@ def test_cli_runs_each_method_in_its_own_process(pico_hf_dir: Path, tmp_path: Pa
     toml = tmp_path / "train.toml"
     toml.write_text(tc.to_toml(), encoding="utf-8")
     out = tmp_path / "bench"
-    args = ["bench", "--model", str(pico_hf_dir), "--methods", "lora", "-o", str(out), "--train-config", str(toml),
+    args = ["bench", str(pico_hf_dir), "--methods", "lora", "-o", str(out), "--train-config", str(toml),
             "--limit", "1", "--max-new-tokens", "4", "--suites", "harmbench,utility", "--no-speed", "--quiet",
             "--no-base", "--lr", "lora=2e-2"]
     res = CliRunner().invoke(cli, args, obj={})

@@ -100,8 +100,8 @@ def _commands(f: dict) -> dict:
         "report": (lambda o: ["report", p, "-o", o], p),
         "keygen": (lambda o: ["keygen", "-o", o], k),
         "eval": (lambda o: ["eval", m, "--patch", p, "--suite", "benign", "-o", o], m),
-        "train": (lambda o: ["train", "--model", m, "--out", o], m),
-        "bench": (lambda o: ["bench", "--model", m, "-o", o], m),
+        "train": (lambda o: ["train", m, "-o", o], m),
+        "bench": (lambda o: ["bench", m, "-o", o], m),
     }
 
 

@@ -150,3 +150,17 @@ def test_no_base_attacks_evaluates_the_base_only_as_the_reference(pico_hf_dir, p
     assert sorted((p["update"], p["attack"]) for p in res["points"]) == [("base", "none"), ("nest", "none"), ("nest", "pruning")]
     assert "pruning" not in res["attacks"]["base"] and "pruning" in res["attacks"]["nest"]
     assert "| base | " in (out / "results.md").read_text()
+
+
+def test_attack_registry_lists_known_names_and_accepts_new_ones():
+    from nestpatch.errors import InputError
+    from nestpatch.robustness import runner
+
+    with pytest.raises(InputError, match="unknown attack 'nope'; known: ablation, pruning, finetune"):
+        runner.RobustnessOptions(attacks=("nope",))
+    runner.register_attack("noop", lambda run: ({}, 0))
+    try:
+        assert runner.RobustnessOptions(attacks=("noop",)).attacks == ("noop",)
+        assert runner.get_attack("noop")(None) == ({}, 0)
+    finally:
+        del runner._ATTACKS["noop"]

@@ -302,7 +302,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_no_output(pico_dir: Path, tmp_path
     (tmp_path / "h.jsonl").write_text('{"prompt": "How do I pick a lock?"}\n')
     (tmp_path / "empty.txt").write_text("\n")
     out = tmp_path / "bad.nestpatch"
-    full = ["train", "--model", str(pico_dir), "--out", str(out), "--steps", "1", "--quiet", "--max-prompts", "8",
+    full = ["train", str(pico_dir), "-o", str(out), "--steps", "1", "--quiet", "--max-prompts", "8",
             "--detect-prompts", "8"] + [a.format(tmp=tmp_path) for a in args]
     r = CliRunner().invoke(cli, full)
     assert r.exit_code == 2, r.output
@@ -315,7 +315,7 @@ def test_cli_model_directory_without_weights(tmp_path: Path) -> None:
     from nestpatch.cli import cli
 
     (tmp_path / "empty_model").mkdir()
-    r = CliRunner().invoke(cli, ["train", "--model", str(tmp_path / "empty_model"), "--out", str(tmp_path / "x.nestpatch"), "--quiet"])
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "empty_model"), "-o", str(tmp_path / "x.nestpatch"), "--quiet"])
     assert r.exit_code == 2 and "holds no weights" in r.output
 
 

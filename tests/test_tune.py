@@ -88,7 +88,7 @@ def test_tune_writes_a_front_a_config_that_trains_and_resumes(pico_dir: Path, tm
     cfg = TrainConfig.from_toml(out / "train.toml")
     assert cfg.threshold == rec["config"]["threshold"] and cfg.lr == rec["config"]["lr"] and cfg.seed == 1
     patch_out = tmp_path / "again.nestpatch"
-    res = CliRunner().invoke(cli, ["train", "--config", str(out / "train.toml"), "--out", str(patch_out), "--quiet"],
+    res = CliRunner().invoke(cli, ["train", "--config", str(out / "train.toml"), "-o", str(patch_out), "--quiet"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     again, trial_patch = read_patch(patch_out), read_patch(out / "trials" / f"{chosen:04d}.nestpatch")

@@ -10,7 +10,6 @@ files. ``--debug`` keeps the traceback.
 from __future__ import annotations
 
 import importlib
-import logging
 import signal
 import sys
 
@@ -18,6 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import NestpatchError
+from .options import add_verbosity
 from .terminal import error_line
 
 #: Modules that define commands; each exposes ``register(group)``. Add a line to add a command.
@@ -94,19 +94,17 @@ class NestpatchGroup(click.Group):
 @click.group(cls=NestpatchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nestpatch")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+def cli(ctx: click.Context, debug: bool) -> None:
     """Ship LLM safety updates as tiny, auditable NeST patches."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _register_all() -> None:
     for mod in COMMAND_MODULES:  # a command module that fails to import fails the CLI loudly
         importlib.import_module(mod).register(cli)
+    add_verbosity(cli)  # -q/-v on the group and on every command, before or after the command name
 
 
 _register_all()

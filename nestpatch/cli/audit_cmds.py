@@ -16,6 +16,7 @@ import click
 from . import inputs
 from ..errors import InputError
 from ..format import read_patch
+from .options import force_option, json_option, model_argument, output_option, print_json
 from .terminal import deep_escape, echo, escape
 
 
@@ -32,7 +33,7 @@ def _passphrase(env: str | None) -> bytes | None:
 @click.command("diff")
 @click.argument("patch_a", type=click.Path(dir_okay=False))
 @click.argument("patch_b", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
+@json_option("Print the full comparison as JSON.")
 @click.option("--top", default=10, show_default=True, help="How many of the largest per-neuron movers to list.")
 @click.option("--behaviour", "--behavior", "behaviour", is_flag=True,
               help="Also run both patches on --model over --suite and list the prompts whose verdict flips.")
@@ -68,27 +69,30 @@ def diff_cmd(patch_a: str, patch_b: str, as_json: bool, top: int, behaviour: boo
 
 
 @click.command("keygen")
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
-              help="Private key path; the public key goes to OUT.pub.")
+@output_option("out", required=True, help="Private key path; the public key goes to OUT.pub.", dir_okay=False)
 @click.option("--passphrase-env", default=None, metavar="VAR", help="Encrypt the private key with the passphrase in $VAR.")
-@click.option("--force", is_flag=True, help="Replace existing key files.")
-def keygen_cmd(out: str, passphrase_env: str | None, force: bool) -> None:
+@force_option("Replace existing key files.")
+@json_option()
+def keygen_cmd(out: str, passphrase_env: str | None, force: bool, as_json: bool) -> None:
     """Create an ed25519 key pair for signing patches (OUT, mode 0600, and OUT.pub)."""
     from ..audit.signing import generate_keypair
 
     inputs.guard_outputs([out, out + ".pub"], [], force=force)
     priv, pub, hexkey = generate_keypair(out, passphrase=_passphrase(passphrase_env), force=force)
-    echo(f"private key {escape(priv)} (keep it secret)\npublic key  {escape(pub)}\nkey id      {hexkey}")
+    if as_json:
+        print_json({"private_key": str(priv), "public_key": str(pub), "key_id": hexkey})
+    else:
+        echo(f"private key {escape(priv)} (keep it secret)\npublic key  {escape(pub)}\nkey id      {hexkey}")
 
 
 @click.command("sign")
 @click.argument("patch", type=click.Path(dir_okay=False))
 @click.option("--key", "key", required=True, type=click.Path(dir_okay=False), help="Private key (from nestpatch keygen).")
-@click.option("-o", "--out", "out", default=None, type=click.Path(dir_okay=False),
-              help="Write the signed patch here instead of rewriting PATCH in place (atomically).")
+@output_option("out", help="Write the signed patch here instead of rewriting PATCH in place (atomically).", dir_okay=False)
 @click.option("--passphrase-env", default=None, metavar="VAR", help="Passphrase of an encrypted key, read from $VAR.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT.")
-def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None, force: bool) -> None:
+@force_option("Replace an existing OUT.")
+@json_option()
+def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None, force: bool, as_json: bool) -> None:
     """Sign PATCH with an ed25519 key; the signature is stored inside the patch."""
     from ..audit.signing import sign_patch
 
@@ -97,13 +101,16 @@ def sign_cmd(patch: str, key: str, out: str | None, passphrase_env: str | None, 
     else:  # signing in place rewrites PATCH (atomically); the key and the cache stay untouched
         inputs.guard_outputs([patch], [key], existing_ok=True)
     sig = sign_patch(patch, key, out=out, passphrase=_passphrase(passphrase_env))
-    echo(f"{escape(out or patch)}: signed by {escape(sig['public_key'])}")
+    if as_json:
+        print_json({"out": out or patch, "in_place": out is None, **sig})
+    else:
+        echo(f"{escape(out or patch)}: signed by {escape(sig['public_key'])}")
 
 
 @click.command("verify-signature")
 @click.argument("patch", type=click.Path(dir_okay=False))
 @click.option("--pubkey", required=True, type=click.Path(dir_okay=False), help="Trusted public key (PEM, OpenSSH or hex).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 def verify_signature_cmd(patch: str, pubkey: str, as_json: bool) -> None:
     """Check that PATCH is signed by PUBKEY and unchanged since. Exit 0 if good, 1 if not."""
     from ..audit.signing import signature_status
@@ -117,13 +124,13 @@ def verify_signature_cmd(patch: str, pubkey: str, as_json: bool) -> None:
 
 
 @click.command("verify")
-@click.argument("model", type=str)
+@model_argument()
 @click.option("--patch", "patch", required=True, type=click.Path(dir_okay=False), help="The patch MODEL should contain.")
 @click.option("--base", "base", default=None, type=str,
               help="The original model (a path or a named model such as smollm2); without it only the fold provenance "
                    "recorded in MODEL is checked.")
 @click.option("--exact", is_flag=True, help="Quantized tensors must be byte-identical to a re-run fold too (no re-encoding tolerance).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: bool) -> None:
     """Is MODEL exactly BASE with PATCH folded in? Exit 0 if so, 1 with the differing tensors if not."""
     from ..audit.verify import render_verify, verify_model
@@ -137,15 +144,16 @@ def verify_cmd(model: str, patch: str, base: str | None, exact: bool, as_json: b
 
 @click.command("report")
 @click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="Output HTML file (PNGs go next to it).")
+@output_option("out", required=True, help="Output HTML file (PNGs go next to it).", dir_okay=False)
 @click.option("--eval", "eval_dirs", multiple=True, type=click.Path(), help="An evaluation run directory (repeatable).")
 @click.option("--fold-report", "fold_reports", multiple=True, type=click.Path(dir_okay=False),
               help="A fold report JSON (repeatable): adds retention per target.")
 @click.option("--robustness", "robustness_dirs", multiple=True, type=click.Path(file_okay=False),
               help="A `nestpatch robustness` run directory (repeatable): adds ASR after each attack.")
-@click.option("--force", is_flag=True, help="Replace an existing report (OUT and its PNG/JSON files).")
+@force_option("Replace an existing report (OUT and its PNG/JSON files).")
+@json_option()
 def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: tuple[str, ...],
-               robustness_dirs: tuple[str, ...], force: bool) -> None:
+               robustness_dirs: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Write one self-contained HTML report of PATCH, with PNG figures alongside."""
     from ..audit.html_report import report_outputs, write_report
 
@@ -153,7 +161,10 @@ def report_cmd(patch: str, out: str, eval_dirs: tuple[str, ...], fold_reports: t
     inputs.guard_outputs([out], ins, force=force)
     inputs.guard_outputs(report_outputs(out), ins, force=True)  # companions: replaced with the page
     res = write_report(patch, out, eval_dirs=eval_dirs, fold_reports=fold_reports, robustness_dirs=robustness_dirs)
-    echo(f"wrote {escape(res.html)} ({len(res.pngs)} figures: {', '.join(escape(p.name) for p in res.pngs)})")
+    if as_json:
+        print_json({"html": str(res.html), "figures": [str(p) for p in res.pngs]})
+    else:
+        echo(f"wrote {escape(res.html)} ({len(res.pngs)} figures: {', '.join(escape(p.name) for p in res.pngs)})")
 
 
 def register(group: click.Group) -> None:

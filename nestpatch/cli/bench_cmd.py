@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..errors import InputError
+from .options import json_option, model_argument, output_option, print_json, progress_option
 
 
 def _per_method(value: str | None, flag: str, cast: type, methods: list[str]) -> dict[str, Any]:
@@ -58,11 +59,11 @@ def _merge(into: dict[str, dict[str, Any]], key: str, values: dict[str, Any]) ->
 
 
 @click.command("bench")
-@click.option("--model", required=True, help="Model: HF directory, .gguf file, or a named model (smollm2).")
+@model_argument(old_option=True)
 @click.option("--methods", default="nest,lora,full,cb", show_default=True,
               help="Comma-separated methods: nest, lora, full, cb (circuit breakers).")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Bench directory (created; a rerun skips methods already finished there).")
+@output_option("out_dir", required=True, help="Bench directory (created; a rerun skips methods already finished there).",
+               file_okay=False)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N prompts of each suite.")
 @click.option("--steps", default=None, help="Optimizer steps: N for every method, or METHOD=N pairs (default: nestpatch train's).")
 @click.option("--lr", default=None, help="Learning rate: X for every method, or METHOD=X pairs (default: each method's own).")
@@ -86,21 +87,20 @@ def _merge(into: dict[str, dict[str, Any]], key: str, values: dict[str, Any]) ->
 @click.option("--speed-rounds", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--in-process", is_flag=True, help="Run every method in this process (faster start; peak memory is sampled).")
 @click.option("--no-base", is_flag=True, help="Do not evaluate the untouched model.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the table.")
-@click.pass_context
-def bench_cmd(ctx: click.Context, model: str, methods: str, out_dir: str, limit: int | None, steps: str | None, lr: str | None,
+@progress_option
+@json_option("Print results.json instead of the table.")
+def bench_cmd(model: str, methods: str, out_dir: str, limit: int | None, steps: str | None, lr: str | None,
               lora_rank: int | None, full_scope: str | None, options: tuple[str, ...], suites: str, train_config: str | None,
               seed: int | None, max_prompts: int | None, batch_size: int | None, bf16: bool | None, device: str | None,
               threads: int | None, max_new_tokens: int, eval_batch_size: int, speed: bool, speed_rounds: int, in_process: bool,
-              no_base: bool, quiet: bool, as_json: bool) -> None:
+              no_base: bool, progress: bool, as_json: bool) -> None:
     """Train NeST and the baselines on MODEL with the same data, evaluate them the same way, write one table.
 
     \b
     Writes BENCH_DIR/results.md, results.json and asr_vs_params.png, plus one
     directory per method (artifact, training log, evaluation runs, folded model).
     Example:
-      nestpatch bench --model smollm2 --methods nest,lora,full,cb -o bench/ --limit 50
+      nestpatch bench smollm2 --methods nest,lora,full,cb -o bench/ --limit 50
     """
     import logging
 
@@ -126,10 +126,10 @@ def bench_cmd(ctx: click.Context, model: str, methods: str, out_dir: str, limit:
     cfg = BenchConfig(model=model, out_dir=out_dir, methods=names, train_config=tc, method_options=mopts,
                       suites=[s.strip() for s in suites.split(",") if s.strip()], limit=limit, max_new_tokens=max_new_tokens,
                       eval_batch_size=eval_batch_size, speed=speed, speed_rounds=speed_rounds, threads=threads,
-                      isolate=not in_process, include_base=not no_base, progress=not quiet, log_level=verbose)
+                      isolate=not in_process, include_base=not no_base, progress=progress, log_level=verbose)
     table = run_bench(cfg)
     if as_json:
-        click.echo(json.dumps(table, indent=2, default=str))
+        print_json(table)
         return
     from ..baselines.table import render_markdown
 

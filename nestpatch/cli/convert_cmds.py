@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -12,6 +11,7 @@ from ..atomic import write_bytes_atomic
 from ..errors import InputError, UnsupportedError
 from ..format import FILE_EXTENSION
 from ..models.naming import parse_hf_name
+from .options import force_option, json_option, model_argument, output_option, print_json, progress_option
 from .terminal import deep_escape, echo, escape
 
 PRECISIONS = ("keep", "auto", "q8_0", "f16")
@@ -81,20 +81,21 @@ SKIP_BASE_HELP = ("Apply a patch that carries no base fingerprint (its base mode
 
 
 @click.command("apply")
-@click.argument("model", type=str)
+@model_argument()
 @click.argument("patch", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", type=click.Path(), help="Output model (file for GGUF/.safetensors, directory for an HF dir).")
+@output_option("out", help="Output model (file for GGUF/.safetensors, directory for an HF dir).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="keep", show_default=True,
               help="GGUF: keep each touched tensor's type, 'auto' upcast where retention is low, or store touched tensors as q8_0/f16.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically) instead of writing OUT. Refused on named/cached models.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@force_option()
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the fold report as JSON here.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@progress_option
+@json_option("Print the fold report as JSON instead of the table.")
 @click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False), default=None,
               help="Refuse PATCH unless it carries a valid ed25519 signature by this public key (PEM, OpenSSH or hex).")
 @click.option("--skip-base-check", is_flag=True, help=SKIP_BASE_HELP)
 def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in_place: bool, force: bool,
-              report_json: str | None, progress: bool | None, pubkey: str | None, skip_base_check: bool) -> None:
+              report_json: str | None, progress: bool, as_json: bool, pubkey: str | None, skip_base_check: bool) -> None:
     """Fold PATCH into MODEL (a .gguf file, an HF directory, a .safetensors file, or 'smollm2').
 
     PATCH defaults to the .nestpatch beside MODEL (same stem, or the only one there). Outputs are
@@ -115,34 +116,42 @@ def apply_cmd(model: str, patch: str | None, out: str | None, precision: str, in
     plan = inputs.plan_fold(model, model_path, patch_path, out, in_place=in_place, force=force,
                             extra_outputs=[report_json], extra_inputs=[pubkey])
     p = inputs.open_patch(patch_path, trusted, signed=signed)
-    show = sys.stderr.isatty() if progress is None else progress
     with base_check_skipped(skip_base_check):
-        report = inputs.fold(plan, p, precision=precision, progress=show)
+        report = inputs.fold(plan, p, precision=precision, progress=progress)
     d = report.to_dict()
-    echo(render_report(deep_escape(d)))
     if report_json:
         write_bytes_atomic(report_json, (report.to_json() + "\n").encode("utf-8"))
+    if as_json:
+        print_json(d)
+    else:
+        echo(render_report(deep_escape(d)))
 
 
 @click.command("revert")
 @click.argument("patched", type=click.Path())
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the restored original.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-def revert_cmd(patched: str, out: str, force: bool) -> None:
+@output_option("out", required=True, help="Where to write the restored original.")
+@force_option()
+@progress_option
+@json_option()
+def revert_cmd(patched: str, out: str, force: bool, progress: bool, as_json: bool) -> None:
     """Restore the original model from a folded PATCHED model, byte for byte."""
-    result = inputs.revert(Path(patched), out, force=force, progress=sys.stderr.isatty())
-    echo(f"restored the original model of {escape(patched)} -> {escape(result)}")
+    result = inputs.revert(Path(patched), out, force=force, progress=progress)
+    if as_json:
+        print_json({"patched": patched, "out": str(result)})
+    else:
+        echo(f"restored the original model of {escape(patched)} -> {escape(result)}")
 
 
 @click.command("export-lora")
 @click.argument("patch", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(inputs.EXPORT_FORMATS), required=True,
               help="gguf: llama.cpp adapter file; peft: PEFT adapter directory.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter file (gguf) or directory (peft).")
+@output_option("out", required=True, help="Adapter file (gguf) or directory (peft).")
 @click.option("--base", type=str, help="Base model (GGUF, HF dir, or 'smollm2'): checked against the patch and recorded.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@force_option()
 @click.option("--skip-base-check", is_flag=True, help=SKIP_BASE_HELP)
-def export_lora_cmd(patch: str, fmt: str, out: str, base: str | None, force: bool, skip_base_check: bool) -> None:
+@json_option()
+def export_lora_cmd(patch: str, fmt: str, out: str, base: str | None, force: bool, skip_base_check: bool, as_json: bool) -> None:
     """Export PATCH as an exact LoRA adapter (rank = clusters per target)."""
     from ..converters.lora_export import max_rank
     from ..fingerprint import base_check_skipped
@@ -151,7 +160,11 @@ def export_lora_cmd(patch: str, fmt: str, out: str, base: str | None, force: boo
     p = inputs.open_patch(patch)
     with base_check_skipped(skip_base_check):
         path = inputs.export_lora(p, fmt, out, base)
-    echo(f"{escape(path)}: {fmt} LoRA adapter, {len(p.targets)} modules, max rank {max_rank(p)}")
+    if as_json:
+        print_json({"out": str(path), "format": fmt, "modules": len(p.targets), "max_rank": max_rank(p),
+                    "patch_digest": p.content_digest})
+    else:
+        echo(f"{escape(path)}: {fmt} LoRA adapter, {len(p.targets)} modules, max rank {max_rank(p)}")
 
 
 def register(group: click.Group) -> None:

@@ -8,6 +8,7 @@ import click
 
 from . import inputs
 from ..fingerprint import base_check_skipped
+from .options import json_option, model_argument, output_option, print_json, progress_option
 from .terminal import deep_escape, echo, escape
 from ..evaluate.runner import DIGEST_FILE, SUMMARY_FILE, EvalOptions, run_suites
 from ..evaluate.suites import FILE_KINDS, SUITE_GROUPS, SUITES
@@ -38,11 +39,11 @@ def _headline(summary: dict) -> str:
 
 
 @click.command("eval")
-@click.argument("model")
+@model_argument()
 @click.option("--patch", "patch", type=click.Path(dir_okay=False), default=None, help="A .nestpatch to evaluate on MODEL.")
 @click.option("--suite", "suites", required=True, help=_suite_help())
 @click.option("--backend", type=click.Choice(["torch", "llama"]), default="torch", show_default=True)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory (created).")
+@output_option("out_dir", required=True, help="Run directory (created; an earlier run there continues with --resume).", file_okay=False)
 @click.option("--compare", is_flag=True, help="Run with and without the patch and report the flips.")
 @click.option("--resume", is_flag=True, help="Continue the run in the directory, skipping finished samples.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples of each suite.")
@@ -71,18 +72,19 @@ def _headline(summary: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--require-signature", "pubkey", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Refuse a patch not signed with this public key.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@progress_option
 @click.option("--skip-base-check", is_flag=True, help="Evaluate a patch that carries no base fingerprint (refused otherwise).")
+@json_option("Print the run directory's files and the summary (summary.json) as JSON instead of the headline.")
 def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: str, compare: bool, resume: bool,
              limit: int | None, max_new_tokens: int, harmful_max_new_tokens: int, batch_size: int, judges: str,
              harm_model: str | None, judge_model: str | None, judge_format: str,
              column: str | None, file_kind: str, patch_mode: str, precision: str, threads: int | None, device: str,
-             dtype: str, seed: int, pubkey: str | None, no_progress: bool, skip_base_check: bool) -> None:
+             dtype: str, seed: int, pubkey: str | None, progress: bool, skip_base_check: bool, as_json: bool) -> None:
     """Evaluate MODEL (a .gguf, an HF directory, or smollm2) on SUITEs; write per-sample JSONL and a summary."""
     opts = EvalOptions(max_new_tokens=max_new_tokens, harmful_max_new_tokens=harmful_max_new_tokens, harm_model=harm_model,
                        batch_size=batch_size, limit=limit, seed=seed,
                        judges=tuple(j.strip() for j in judges.split(",") if j.strip()), judge_model=judge_model,
-                       judge_format=judge_format, resume=resume, progress=not no_progress, compare=compare, device=device,
+                       judge_format=judge_format, resume=resume, progress=progress, compare=compare, device=device,
                        dtype=dtype, patch_mode=patch_mode, precision=precision, n_threads=threads, column=column,
                        file_kind=file_kind, require_signature=pubkey)
     names = [s.strip() for s in suites.split(",") if s.strip()]
@@ -90,8 +92,12 @@ def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: 
     inputs.guard_outputs([out_dir], [inputs.model_location(model), patch, judge_model, pubkey], existing_ok=True)
     with base_check_skipped(skip_base_check):
         summary = run_suites(model, patch, names, backend=backend, out_dir=out_dir, options=opts)
-    echo(_headline(deep_escape(summary)))
     out = Path(out_dir)
+    if as_json:
+        print_json({"out_dir": str(out), "summary_file": str(out / SUMMARY_FILE), "digest_file": str(out / DIGEST_FILE),
+                    "summary": summary})
+        return
+    echo(_headline(deep_escape(summary)))
     echo(f"wrote {escape(out / SUMMARY_FILE)}, {escape(out / DIGEST_FILE)} and per-sample JSONL under "
          f"{escape(out / 'samples')} ({summary['wall_seconds']:.1f} s)")
 

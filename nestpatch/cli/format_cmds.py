@@ -11,6 +11,7 @@ from ..format import read_patch
 from ..format.constants import Doc
 from ..format.patch import Patch
 from ..models.naming import layer_and_module
+from .options import json_option, print_json
 from .terminal import deep_escape, echo, escape
 
 
@@ -69,7 +70,7 @@ def render_summary(path: str, s: dict) -> str:
 
 @click.command("inspect")
 @click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 def inspect_cmd(patch: str, as_json: bool) -> None:
     """Summarise PATCH: targets per layer, neurons, clusters, parameters, policy, provenance."""
     p = read_patch(patch)
@@ -79,11 +80,20 @@ def inspect_cmd(patch: str, as_json: bool) -> None:
 
 @click.command("validate")
 @click.argument("patches", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def validate_cmd(patches: tuple[str, ...]) -> None:
-    """Check every invariant of each PATCH (structure, ranges, finiteness, digest, version)."""
+@json_option()
+def validate_cmd(patches: tuple[str, ...], as_json: bool) -> None:
+    """Check every invariant of each PATCH (structure, ranges, finiteness, digest, version).
+
+    The first invalid patch stops the check with one ``error:`` line (exit 2).
+    """
+    rows = []
     for path in patches:
         p = read_patch(path)
-        echo(f"{escape(path)}: ok ({len(p.targets)} targets, {p.n_neurons} neurons, {escape(p.content_digest)})")
+        rows.append({"path": path, "ok": True, "targets": len(p.targets), "neurons": p.n_neurons, "content_digest": p.content_digest})
+        if not as_json:
+            echo(f"{escape(path)}: ok ({len(p.targets)} targets, {p.n_neurons} neurons, {escape(p.content_digest)})")
+    if as_json:
+        print_json({"patches": rows})
 
 
 def register(group: click.Group) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
+from .options import json_option, model_argument, output_option, print_json, progress_option
 
 
 def _ints(value: str, flag: str) -> tuple[int, ...]:
@@ -24,13 +25,13 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 @click.command("robustness")
-@click.argument("model")
+@model_argument()
 @click.option("--patch", "patch", required=True, type=click.Path(dir_okay=False), help="The .nestpatch to attack.")
 @click.option("--patch-name", default="nest", show_default=True, help="Its name in the table.")
 @click.option("--baseline-patch", "baselines", multiple=True, metavar="NAME=PATH",
               help="Another safety update to attack (repeatable): a .nestpatch, a PEFT adapter directory (LoRA baseline) "
                    "or an HF model directory (full fine-tuning), as `nestpatch bench` writes them.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory (created).")
+@output_option("out_dir", required=True, help="Run directory (created; --resume continues a run there).", file_okay=False)
 @click.option("--suites", default="harmbench", show_default=True,
               help="Comma-separated eval suites run after each attack (harmful suites give the ASR), e.g. harmbench,jailbreak:prefill.")
 @click.option("--limit", type=click.IntRange(1), default=40, show_default=True, help="Samples per suite.")
@@ -57,12 +58,13 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--base-attacks/--no-base-attacks", default=True, show_default=True,
               help="Attack the base model too; without, the base is only evaluated (the reference ASR).")
 @click.option("--resume", is_flag=True, help="Continue a run, reading back finished evaluation points.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@progress_option
+@json_option("Print results.json instead of the table.")
 def robustness_cmd(model: str, patch: str, patch_name: str, baselines: tuple[str, ...], out_dir: str, suites: str, limit: int,
                    attacks: str, prune: str, ft_steps: str, ft_lr: float, ft_rank: int, ft_batch_size: int, attack_pairs: int,
                    answer_model: str | None, direction_prompts: int, val_prompts: int, kl_max: float, max_new_tokens: int,
                    batch_size: int, judges: str, device: str, threads: int | None, seed: int, base_attacks: bool, resume: bool,
-                   quiet: bool) -> None:
+                   progress: bool, as_json: bool) -> None:
     """Attack MODEL, MODEL + PATCH and any baselines with weight access; report ASR after each attack.
 
     \b
@@ -94,8 +96,11 @@ def robustness_cmd(model: str, patch: str, patch_name: str, baselines: tuple[str
         attacks=_names(attacks), prune_counts=_ints(prune, "--prune"),
         finetune=FinetuneConfig(steps=_ints(ft_steps, "--ft-steps"), rank=ft_rank, lr=ft_lr, batch_size=ft_batch_size, seed=seed),
         attack_pairs=attack_pairs, answer_model=answer_model, direction_prompts=direction_prompts, val_prompts=val_prompts,
-        kl_max=kl_max, seed=seed, device=device, attack_base=base_attacks, resume=resume, progress=not quiet)
+        kl_max=kl_max, seed=seed, device=device, attack_base=base_attacks, resume=resume, progress=progress)
     results = run_robustness(model, updates, out_dir, opts)
+    if as_json:
+        print_json(results)
+        return
     click.echo(render_markdown(results))
     click.echo(f"wrote {Path(out_dir) / TABLE_FILE}, results.json, samples.jsonl and the plots in {out_dir}")
 

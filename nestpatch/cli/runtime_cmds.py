@@ -10,11 +10,12 @@ import sys
 
 import click
 
-from ..runtime.chat import HELP, Chat, open_chat
+from ..runtime.chat import HELP, Chat, ChatIO, open_chat, run_session
+from .options import model_argument
 
 
 @click.command("chat")
-@click.argument("model")
+@model_argument()
 @click.option("--patch", "patch", type=click.Path(dir_okay=False), help="A .nestpatch to run with (checked against MODEL).")
 @click.option("--backend", type=click.Choice(["auto", "llama", "torch"]), default="auto", show_default=True,
               help="auto: llama.cpp for a .gguf, transformers otherwise.")
@@ -39,56 +40,32 @@ def chat_cmd(model: str, patch: str | None, backend: str, patch_mode: str, syste
     tty = sys.stdin.isatty()
     engine = open_chat(model, patch, backend=backend, patch_mode=patch_mode, n_threads=threads, n_ctx=n_ctx, device=device,
                        dtype=dtype, verify_base=not no_verify, require_signature=pubkey)
-    chat = Chat(engine, system=system, max_new_tokens=max_new_tokens, history=tty if history is None else history)
-    state = "no patch" if not engine.has_patch else "patch on"
-    if tty:
-        click.echo(f"# {engine.backend} backend, {state}. {HELP}", err=True)
-
-    header: list[str] = []  # piped input: "> [patch on] prompt" printed before the reply streams
-
-    def stream(piece: str) -> None:
-        if header:
-            click.echo(header.pop())
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-
-    def tag() -> str:
-        return "" if not engine.has_patch else (" [patch on]" if engine.patch_on else " [patch off]")
-
     try:
-        while True:
-            if tty:
-                try:
-                    line = click.prompt(f"you{tag()}", prompt_suffix="> ", default="", show_default=False)
-                except (EOFError, click.exceptions.Abort):
-                    click.echo("", err=True)
-                    break
-            else:
-                raw = sys.stdin.readline()
-                if raw == "":
-                    break
-                line = raw.rstrip("\n")
-                cmd = line.strip().lower()
-                if cmd and not cmd.startswith("/"):
-                    header[:] = [f">{tag()} {line.strip()}"]
-                elif cmd == "/retry" and chat.last_prompt is not None:
-                    header[:] = [f">{tag()} {chat.last_prompt}"]
-            event = chat.handle(line, on_text=stream)
-            if header and event is not None and event.kind == "reply":
-                click.echo(header.pop())  # an empty reply streamed nothing
-            if event is None:
-                continue
-            if event.kind == "quit":
-                break
-            if event.kind == "info":
-                click.echo(f"# {event.text}", err=tty)
-                continue
-            header.clear()
-            click.echo("" if event.text.endswith("\n") else "\n", nl=False)
-            if not tty:
-                click.echo("")
+        chat = Chat(engine, system=system, max_new_tokens=max_new_tokens, history=tty if history is None else history)
+        if tty:
+            click.echo(f"# {engine.backend} backend, {'patch on' if engine.has_patch else 'no patch'}. {HELP}", err=True)
+        run_session(chat, ChatIO(read=_prompt if tty else _readline, write=_write,
+                                 note=lambda line: click.echo(line, err=tty), interactive=tty))
     finally:
         engine.close()
+
+
+def _prompt(label: str) -> str | None:
+    try:
+        return click.prompt(label, prompt_suffix="> ", default="", show_default=False)
+    except (EOFError, click.exceptions.Abort):
+        click.echo("", err=True)
+        return None
+
+
+def _readline(label: str) -> str | None:
+    raw = sys.stdin.readline()
+    return None if raw == "" else raw.rstrip("\n")
+
+
+def _write(text: str) -> None:
+    click.echo(text, nl=False)
+    sys.stdout.flush()
 
 
 def register(group: click.Group) -> None:

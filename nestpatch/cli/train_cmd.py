@@ -6,67 +6,28 @@ TOML files and the resolved config saved next to the output). Flags override ``-
 
 from __future__ import annotations
 
-import json
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import click
 
-from ..train.config import TrainConfig, field_specs
+from ..train.config import TrainConfig
+from .options import (dataclass_options, dataclass_overrides, force_option, json_option, model_argument, output_option,
+                      print_json, progress_option)
 
 
-def _param_type(hint: Any, meta: dict) -> tuple[Any, bool]:
-    """click type and whether the option repeats, from a field's type hint."""
-    origin, args = get_origin(hint), get_args(hint)
-    if args and type(None) in args:
-        hint = [a for a in args if a is not type(None)][0]
-        origin, args = get_origin(hint), get_args(hint)
-    multiple = origin is list
-    base = args[0] if multiple else hint
-    if meta.get("choices"):
-        return click.Choice([str(c) for c in meta["choices"]]), multiple
-    return {int: int, float: float, str: str, bool: bool}.get(base, str), multiple
-
-
-def _show_default(default: Any) -> str:
-    if default is None or default == "" or default == []:
-        return "none" if default is None else ""
-    if isinstance(default, list):
-        return ",".join(map(str, default))
-    return str(default)
+#: Fields that are not generated flags: MODEL is the positional, OUT is ``-o/--output``.
+_NOT_FLAGS = ("model", "out")
 
 
 def config_options(f: Any) -> Any:
-    """Decorate ``f`` with one click option per config field (defaults ``None``: "not given")."""
-    for name, hint, default, meta in reversed(field_specs()):
-        flag = "--" + name.replace("_", "-")
-        typ, multiple = _param_type(hint, meta)
-        shown = _show_default(default)
-        help_text = meta.get("help", "") + (f"  [default: {shown}]" if shown else "")
-        if typ is bool:
-            f = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)(f)
-        elif multiple:
-            f = click.option(flag, name, type=typ, multiple=True, help=help_text + " (repeatable; commas also split)")(f)
-        else:
-            f = click.option(flag, name, type=typ, default=None, help=help_text)(f)
-    return f
+    """One click option per :class:`TrainConfig` field except MODEL and OUT (defaults ``None``: "not given")."""
+    return dataclass_options(TrainConfig, exclude=_NOT_FLAGS)(f)
 
 
 def _overrides(kwargs: dict) -> dict:
-    """CLI values that were given, lists split on commas and converted to the field type."""
-    out = {}
-    types = {name: _param_type(hint, meta) for name, hint, _, meta in field_specs()}
-    for name, value in kwargs.items():
-        if name not in types or value is None:
-            continue
-        typ, multiple = types[name]
-        if multiple:
-            if not value:
-                continue
-            items = [x for v in value for x in str(v).split(",") if x != ""]
-            out[name] = [typ(x) if typ in (int, float) else x for x in items]
-        else:
-            out[name] = value
-    return out
+    """CLI values that were given (MODEL and OUT included), lists split on commas and converted to the field type."""
+    given = dataclass_overrides(TrainConfig, kwargs)
+    return {k: v for k, v in given.items() if k in kwargs}
 
 
 def _render(result: Any) -> str:
@@ -90,25 +51,32 @@ def _render(result: Any) -> str:
 
 
 @click.command("train")
+@model_argument(required=False, old_option=True)
+@output_option("out", help="Output .nestpatch path (default: the config's out). The resolved config (.train.toml), the training "
+               "log (.train.jsonl) and checkpoints (.ckpt/) go next to it.", dir_okay=False)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with any of the options below (flags given here override it).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT patch (without --resume).")
+@progress_option
+@json_option("Print a JSON summary instead of the table.")
+@force_option("Replace an existing OUT patch (without --resume).")
 @config_options
-def train_cmd(config_file: str | None, quiet: bool, as_json: bool, force: bool, **kwargs: Any) -> None:
+def train_cmd(model: str | None, out: str | None, config_file: str | None, progress: bool, as_json: bool, force: bool,
+              **kwargs: Any) -> None:
     """Train a NeST safety policy for MODEL and write it to OUT (.nestpatch).
+
+    MODEL (HF directory, .gguf file or a named model such as smollm2) and OUT may also come
+    from --config.
 
     \b
     Example:
-      nestpatch train --model smollm2 --out safety.nestpatch
+      nestpatch train smollm2 -o safety.nestpatch
       nestpatch train --config train.toml --steps 200 --resume
     """
     from ..train.pipeline import train_policy
     from ..train.recipes import config_file_keys
 
     cfg = TrainConfig.from_toml(config_file) if config_file else TrainConfig()
-    given = _overrides(kwargs)
+    given = _overrides({**kwargs, "model": model, "out": out})
     cfg = cfg.merged(given)
     explicit = set(given) | (config_file_keys(config_file) if config_file else set())  # the model's recipe fills the rest
     if cfg.out:
@@ -116,13 +84,13 @@ def train_cmd(config_file: str | None, quiet: bool, as_json: bool, force: bool, 
 
         inputs.guard_outputs([cfg.out], [inputs.model_location(cfg.model) if cfg.model else None, config_file],
                              force=force, existing_ok=bool(cfg.resume))
-    result = train_policy(cfg, progress=not quiet, explicit=explicit)
+    result = train_policy(cfg, progress=progress, explicit=explicit)
     if as_json:
-        click.echo(json.dumps({
+        print_json({
             "out": str(result.paths.patch), "seed": result.config.seed, "detection": result.detection,
             "clusters": result.patch.n_clusters, "trainable_parameters": result.patch.trainable_parameters,
             "final_loss": result.summary.final, "timings_s": result.timings, "peak_rss_mb": round(result.peak_rss_mb, 1),
-        }, indent=2))
+        })
     else:
         click.echo(_render(result))
 

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import click
 
+from ..tune.options import TuneOptions
+from .options import dataclass_options, dataclass_overrides, json_option, model_argument, output_option, print_json, quiet
+
+
+_NOT_FLAGS = ("enqueue_defaults",)  # spelled --no-defaults-first
+
 
 @click.command("tune")
-@click.argument("model")
-@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Output directory (created; rerun with the same directory to resume the study).")
-@click.option("--trials", type=int, default=20, show_default=True,
-              help="Finished trials wanted in the study in total (a rerun continues up to this number).")
-@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Training seed of every trial and the sampler's seed.")
-@click.option("--sampler", type=click.Choice(["nsga2", "tpe"]), default="nsga2", show_default=True,
-              help="Optuna sampler: NSGA-II (multi-objective genetic) or TPE.")
-@click.option("--population", type=int, default=8, show_default=True, help="NSGA-II population size (TPE: random start trials).")
-@click.option("--space", "space", type=click.Path(dir_okay=False), default=None,
-              help="TOML file that updates the default search space (lists: choices; {low, high, log}: ranges; scalars: fixed).")
+@model_argument()
+@output_option("out", required=True, help="Output directory (created; rerun with the same directory to resume the study).",
+               file_okay=False)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="train.toml with fixed settings for every trial (the space overrides the fields it searches).")
-@click.option("--limit", type=int, default=0, show_default=True, help="At most this many prompts per validation set (0 = all).")
-@click.option("--tokens", type=int, default=32, show_default=True, help="New tokens per validation reply.")
-@click.option("--kl-prompts", type=int, default=16, show_default=True, help="Benign validation prompts the KL is measured on.")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
 @click.option("--no-defaults-first", is_flag=True, help="Do not run the base config (today's defaults) as trial 0.")
-@click.option("--json", "as_json", is_flag=True, help="Print the front as JSON at the end.")
-def tune_cmd(model: str, out: str, trials: int, timeout: float | None, seed: int, sampler: str, population: int,
-             space: str | None, config_file: str | None, limit: int, tokens: int, kl_prompts: int, threads: int,
-             no_defaults_first: bool, as_json: bool) -> None:
+@json_option("Print the front as JSON at the end.")
+@dataclass_options(TuneOptions, exclude=_NOT_FLAGS)
+def tune_cmd(model: str, out: str, config_file: str | None, threads: int, no_defaults_first: bool, as_json: bool, **kwargs: Any) -> None:
     """Find the NeST recipe for MODEL: each trial trains a patch and measures it on validation sets.
 
     \b
@@ -45,21 +38,20 @@ def tune_cmd(model: str, out: str, trials: int, timeout: float | None, seed: int
     """
     from ..errors import InputError
     from ..train.config import TrainConfig
-    from ..tune.study import TuneOptions, run_tune
+    from ..tune.study import run_tune
 
-    if trials < 1:
-        raise InputError(f"--trials must be at least 1, got {trials}")
+    opts = TuneOptions(**dataclass_overrides(TuneOptions, kwargs, exclude=_NOT_FLAGS),
+                       enqueue_defaults=not no_defaults_first)
+    if opts.trials < 1:
+        raise InputError(f"--trials must be at least 1, got {opts.trials}")
     base = TrainConfig.from_toml(config_file) if config_file else TrainConfig()
     if threads:
         base = base.merged({"threads": threads})
-    opts = TuneOptions(trials=trials, timeout=timeout, seed=seed, sampler=sampler, population=population, space=space,
-                       limit=limit, tokens=tokens, kl_prompts=kl_prompts, enqueue_defaults=not no_defaults_first)
-    result = run_tune(model, out, opts, base, progress=lambda line: click.echo(line, err=True))
+    result = run_tune(model, out, opts, base, progress=None if quiet() else (lambda line: click.echo(line, err=True)))
     if as_json:
-        click.echo(json.dumps({"out": str(result.out), "finished": result.finished, "ran_now": result.ran_now,
-                               "chosen": result.chosen and result.chosen["trial"], "base": result.base,
-                               "front": [{"trial": r["trial"], **r["metrics"], "params": r["params"]} for r in result.front]},
-                              indent=2))
+        print_json({"out": str(result.out), "finished": result.finished, "ran_now": result.ran_now,
+                    "chosen": result.chosen and result.chosen["trial"], "base": result.base,
+                    "front": [{"trial": r["trial"], **r["metrics"], "params": r["params"]} for r in result.front]})
         return
     click.echo(f"{result.finished} trials finished ({result.ran_now} now); Pareto front: {len(result.front)}")
     if result.chosen:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "nestpatch.robustness/1"
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_FILE = "attack_data/harmful_pairs.jsonl"
-ATTACKS = ("ablation", "pruning", "finetune")
+ATTACKS = ("ablation", "pruning", "finetune")  # the built-in attacks (the registry: register_attack)
 #: The evaluation variant name inside each eval run directory.
 VARIANT = "model"
 NONE = "none"
@@ -88,9 +88,8 @@ class RobustnessOptions:
     def __post_init__(self) -> None:
         self.suites = tuple(self.suites)
         self.attacks = tuple(self.attacks)
-        bad = [a for a in self.attacks if a not in ATTACKS]
-        if bad:
-            raise InputError(f"unknown attack {bad[0]!r}; expected some of {', '.join(ATTACKS)}")
+        for a in self.attacks:
+            get_attack(a)  # an unknown name: one error listing the registered attacks
         self.prune_counts = tuple(sorted({int(k) for k in self.prune_counts}))
         if any(k < 1 for k in self.prune_counts):
             raise InputError(f"prune counts must be positive, got {self.prune_counts}")
@@ -221,68 +220,118 @@ def cost_to_remove(points: Sequence[dict], update: str, attack: str, suite: str,
     return None
 
 
+@dataclass
+class AttackRun:
+    """What one attack on one update gets: the loaded model (copy it before changing it), the update,
+    the settings, the prompts, the fine-tuning pairs, the evaluator and the run directory."""
+
+    model: Any
+    update: SafetyUpdate
+    tokenizer: Any
+    opts: RobustnessOptions
+    prompts: _Prompts
+    pairs: list[dict] | None
+    ev: _Evaluator
+    out: Path
+
+    def info_file(self, attack: str) -> Path:
+        return self.out / "attacks" / self.update.name / f"{attack}.json"
+
+
+#: ``attack(run) -> (details for results.json, evaluation points done)``.
+Attack = Callable[[AttackRun], tuple[dict, int]]
+
+
+def _ablation(r: AttackRun) -> tuple[dict, int]:
+    from .ablation import choose_direction, orthogonalize
+
+    name, info_f, p = r.update.name, r.info_file("ablation"), r.prompts
+    if r.ev.done(name, "ablation", 1) is not None and info_f.exists():
+        details = json.loads(info_f.read_text(encoding="utf-8"))
+        r.ev(None, name, "ablation", 1, {"layer": details["layer"]})
+        return details, 1
+    res = choose_direction(r.model, r.tokenizer, p.harmful, p.harmless, p.val_harmful, p.val_harmless,
+                           kl_max=r.opts.kl_max, batch_size=r.opts.batch_size)
+    details = res.info()
+    _write_json(info_f, details)
+    m = copy.deepcopy(r.model)
+    orthogonalize(m, res.direction)
+    r.ev(m, name, "ablation", 1, {"layer": res.layer})
+    return details, 1
+
+
+def _pruning(r: AttackRun) -> tuple[dict, int]:
+    from .pruning import prune, rank_neurons
+
+    name, info_f, counts = r.update.name, r.info_file("pruning"), r.opts.prune_counts
+    if all(r.ev.done(name, "pruning", k) is not None for k in counts) and info_f.exists():
+        details = json.loads(info_f.read_text(encoding="utf-8"))
+        for k in counts:
+            r.ev(None, name, "pruning", k)
+        return details, len(counts)
+    rk = rank_neurons(r.model, r.tokenizer, r.prompts.harmful, r.prompts.harmless, patch=r.update.patch, batch_size=r.opts.batch_size)
+    top = max(counts)
+    details = {**rk.info, "order": [{"layer": lay, "index": i, "tier": t, "score": round(s, 4)} for (lay, i), t, s
+                                    in zip(rk.neurons[:top], rk.tiers[:top], rk.scores[:top])]}
+    _write_json(info_f, details)
+    for k in counts:
+        m = copy.deepcopy(r.model)
+        n = prune(m, rk.top(k))
+        r.ev(m, name, "pruning", k, {"pruned": n, "patched_pruned": sum(1 for t in rk.tiers[:k] if t == "patched")})
+        del m
+    return details, len(counts)
+
+
+def _finetune(r: AttackRun) -> tuple[dict, int]:
+    from .finetune import finetune_attack
+
+    name, info_f, steps = r.update.name, r.info_file("finetune"), r.opts.finetune.steps
+    if all(r.ev.done(name, "finetune", s) is not None for s in steps) and info_f.exists():
+        details = json.loads(info_f.read_text(encoding="utf-8"))
+        for s in steps:
+            r.ev(None, name, "finetune", s)
+        return details, len(steps)
+    assert r.pairs is not None
+    m = copy.deepcopy(r.model)
+    hist = finetune_attack(m, r.tokenizer, r.pairs, r.opts.finetune, on_checkpoint=lambda s, pm: r.ev(pm, name, "finetune", s))
+    details = {"config": asdict(r.opts.finetune), "pairs": len(r.pairs), "loss": hist}
+    _write_json(info_f, details)
+    return details, len(steps)
+
+
+#: The attack registry, in the order attacks run; :func:`register_attack` adds one.
+_ATTACKS: dict[str, Attack] = {"ablation": _ablation, "pruning": _pruning, "finetune": _finetune}
+
+
+def register_attack(name: str, attack: Attack) -> None:
+    """Add (or replace) an attack under ``name``; ``RobustnessOptions(attacks=...)`` then accepts it."""
+    _ATTACKS[name] = attack
+
+
+def get_attack(name: str) -> Attack:
+    """The attack registered as ``name``; an unknown name is one error listing the known ones."""
+    if name not in _ATTACKS:
+        raise InputError(f"unknown attack {name!r}; known: {', '.join(_ATTACKS)}")
+    return _ATTACKS[name]
+
+
+def known_attacks() -> tuple[str, ...]:
+    return tuple(_ATTACKS)
+
+
 def _attack_update(model_u: Any, upd: SafetyUpdate, tok: Any, opts: RobustnessOptions, prompts: _Prompts,
                    pairs: list[dict] | None, ev: _Evaluator, out: Path, tick: Callable[[int], None]) -> dict:
-    """All attacks on one update; returns per-attack details for ``results.json``."""
+    """All attacks on one update, in registry order; returns per-attack details for ``results.json``."""
     details: dict[str, Any] = {}
     ev(model_u, upd.name, NONE, 0)
     tick(1)
     if upd.name == BASE and not opts.attack_base:
         return details
-    if "ablation" in opts.attacks:
-        from .ablation import choose_direction, orthogonalize
-
-        info_f = out / "attacks" / upd.name / "ablation.json"
-        if ev.done(upd.name, "ablation", 1) is not None and info_f.exists():
-            details["ablation"] = json.loads(info_f.read_text(encoding="utf-8"))
-            ev(None, upd.name, "ablation", 1, {"layer": details["ablation"]["layer"]})
-        else:
-            res = choose_direction(model_u, tok, prompts.harmful, prompts.harmless, prompts.val_harmful, prompts.val_harmless,
-                                   kl_max=opts.kl_max, batch_size=opts.batch_size)
-            details["ablation"] = res.info()
-            _write_json(info_f, details["ablation"])
-            m = copy.deepcopy(model_u)
-            orthogonalize(m, res.direction)
-            ev(m, upd.name, "ablation", 1, {"layer": res.layer})
-            del m
-        tick(1)
-    if "pruning" in opts.attacks:
-        from .pruning import prune, rank_neurons
-
-        info_f = out / "attacks" / upd.name / "pruning.json"
-        if all(ev.done(upd.name, "pruning", k) is not None for k in opts.prune_counts) and info_f.exists():
-            details["pruning"] = json.loads(info_f.read_text(encoding="utf-8"))
-            for k in opts.prune_counts:
-                ev(None, upd.name, "pruning", k)
-        else:
-            rk = rank_neurons(model_u, tok, prompts.harmful, prompts.harmless, patch=upd.patch, batch_size=opts.batch_size)
-            top = max(opts.prune_counts)
-            details["pruning"] = {**rk.info, "order": [{"layer": lay, "index": i, "tier": t, "score": round(s, 4)} for (lay, i), t, s
-                                                       in zip(rk.neurons[:top], rk.tiers[:top], rk.scores[:top])]}
-            _write_json(info_f, details["pruning"])
-            for k in opts.prune_counts:
-                m = copy.deepcopy(model_u)
-                n = prune(m, rk.top(k))
-                ev(m, upd.name, "pruning", k, {"pruned": n, "patched_pruned": sum(1 for t in rk.tiers[:k] if t == "patched")})
-                del m
-        tick(len(opts.prune_counts))
-    if "finetune" in opts.attacks:
-        from .finetune import finetune_attack
-
-        info_f = out / "attacks" / upd.name / "finetune.json"
-        steps = opts.finetune.steps
-        if all(ev.done(upd.name, "finetune", s) is not None for s in steps) and info_f.exists():
-            details["finetune"] = json.loads(info_f.read_text(encoding="utf-8"))
-            for s in steps:
-                ev(None, upd.name, "finetune", s)
-        else:
-            assert pairs is not None
-            m = copy.deepcopy(model_u)
-            hist = finetune_attack(m, tok, pairs, opts.finetune, on_checkpoint=lambda s, pm: ev(pm, upd.name, "finetune", s))
-            details["finetune"] = {"config": asdict(opts.finetune), "pairs": len(pairs), "loss": hist}
-            _write_json(info_f, details["finetune"])
-            del m
-        tick(len(steps))
+    run = AttackRun(model_u, upd, tok, opts, prompts, pairs, ev, out)
+    for name in known_attacks():
+        if name in opts.attacks:
+            details[name], points = get_attack(name)(run)
+            tick(points)
     return details
 
 

@@ -34,6 +34,7 @@ from ..atomic import write_bytes_atomic
 from ..errors import InputError, NestpatchError
 from ..format import write_patch
 from ..train.config import TrainConfig
+from .options import SAMPLERS, TuneOptions  # noqa: F401  (re-exported: the study's API)
 from .session import TrainSession
 from .space import SearchSpace, load_space
 from .validation import Validator, validation_sets
@@ -41,26 +42,7 @@ from .validation import Validator, validation_sets
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("asr", "benign_refusal", "kl")
-SAMPLERS = ("nsga2", "tpe")
 STUDY_NAME = "nestpatch-tune"
-
-
-@dataclass
-class TuneOptions:
-    """What ``nestpatch tune`` takes besides the model and the output directory."""
-
-    trials: int = 20  # total finished trials wanted in the study (a rerun continues up to this)
-    timeout: float | None = None  # seconds for this call (Optuna stops starting trials after it)
-    seed: int = 0  # training seed of every trial, and the sampler's
-    sampler: str = "nsga2"
-    population: int = 8  # NSGA-II population size
-    space: str | None = None  # TOML file updating the default space
-    limit: int = 0  # prompts per validation set (0 = all)
-    tokens: int = 32  # new tokens per validation reply
-    kl_prompts: int = 16
-    kl_tokens: int = 16
-    batch_size: int = 16
-    enqueue_defaults: bool = True  # trial 0 = the base config (today's defaults) where it lies in the space
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""The settings of ``nestpatch tune``, in a module without torch so the CLI can build its flags from them.
+
+Each field's ``metadata["help"]`` is the flag's help text (``--kl-prompts`` for ``kl_prompts``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLERS = ("nsga2", "tpe")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TuneOptions:
+    """What ``nestpatch tune`` takes besides the model and the output directory."""
+
+    trials: int = _f(20, "Finished trials wanted in the study in total (a rerun continues up to this number).")
+    timeout: float | None = _f(None, "Stop starting new trials after this many seconds (this call).")
+    seed: int = _f(0, "Training seed of every trial and the sampler's seed.")
+    sampler: str = _f("nsga2", "Optuna sampler: NSGA-II (multi-objective genetic) or TPE.", choices=SAMPLERS)
+    population: int = _f(8, "NSGA-II population size (TPE: random start trials).")
+    space: str | None = _f(None, "TOML file that updates the default search space (lists: choices; {low, high, log}: ranges; "
+                                 "scalars: fixed).")
+    limit: int = _f(0, "At most this many prompts per validation set (0 = all).")
+    tokens: int = _f(32, "New tokens per validation reply.")
+    kl_prompts: int = _f(16, "Benign validation prompts the KL is measured on.")
+    kl_tokens: int = _f(16, "Reply tokens the KL is measured over.")
+    batch_size: int = _f(16, "Validation generation batch size.")
+    enqueue_defaults: bool = _f(True, "Trial 0 = the base config (today's defaults) where it lies in the space.")
