@@ -125,6 +125,9 @@ class TrainConfig:
     bf16: bool = _f(False, "bfloat16 autocast for forward/backward (the deltas and optimizer stay float32). Helps on GPUs; "
                            "on CPUs without native bf16 it is several times slower.", group="runtime")
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default).", group="runtime")
+    activation_checkpointing: bool = _f(False, "Recompute each decoder layer's forward during backward instead of keeping its "
+                                               "activations: same losses and gradients, much less memory, about a third more "
+                                               "compute (the Qwen recipes turn it on).", group="runtime")
     batch_size_detect: int = _f(16, "Batch size for detection and answer generation.", group="runtime")
     answer_backend: str = _f("auto", "What generates the base model's answers (own refusals, retain answers): llama.cpp on the GGUF "
                                      "file itself, with batched decoding (llama; auto picks it for a .gguf model when llama-cpp-python "
@@ -204,7 +207,7 @@ class TrainConfig:
 
     def fingerprint(self, ignore: tuple[str, ...] = ("resume", "keep_checkpoint", "checkpoint_every", "threads", "device",
                                                      "device_map", "out", "steps", "policy_name", "policy_version",
-                                                     "policy_description", "delta_dtype")) -> str:
+                                                     "policy_description", "delta_dtype", "activation_checkpointing")) -> str:
         """Hash of the settings that change the training trajectory (checked by ``--resume``)."""
         d = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -8,13 +8,14 @@ have seen; with no dropout in eval mode, the whole run is deterministic under ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,43 @@ from .examples import Batch, Example, collate
 from .losses import head_weights, sequence_unlikelihood, token_ce, token_kl
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: Any, enabled: bool = True) -> Iterator[int]:
+    """Activation checkpointing of every decoder layer while the block runs; yields the number of layers wrapped.
+
+    Why: on a CPU with a 0.5B model, the activations a backward pass keeps (about 100 KB per token
+    and layer: attention projections, four MLP intermediates of ``n_ff``, the patch's hook outputs)
+    were most of training's peak memory. A checkpointed layer keeps only its input and runs its
+    forward again during backward (about a third more compute). The recomputation runs the same
+    kernels on the same inputs, so losses and gradients are unchanged; the patch's forward hooks
+    fire again inside it, as they must. Done here with ``torch.utils.checkpoint`` (non-reentrant)
+    rather than a transformers switch, whose name and behaviour change across versions; layers
+    are found as ``model.get_decoder().layers``.
+    """
+    layers = getattr(model.get_decoder(), "layers", None) if enabled else None
+    if layers is None:
+        if enabled:
+            log.warning("activation checkpointing: no decoder layers found; training without it")
+        yield 0
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    for layer in layers:
+        layer.forward = wrap(layer.forward)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
 
 
 class EpochSampler:
@@ -174,7 +212,9 @@ class Trainer:
         t0 = time.time()
         first: dict = {}
         logf = open(self.log_path, "a", encoding="utf-8") if self.log_path else None
+        stack = contextlib.ExitStack()
         try:
+            stack.enter_context(checkpointed_layers(self.model, cfg.activation_checkpointing))
             for step in range(start_step, cfg.steps):
                 ts = time.time()
                 for g in self.opt.param_groups:  # a pure function of the step: a resumed run continues the schedule exactly
@@ -213,6 +253,7 @@ class Trainer:
                 if self.ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     self.save(step + 1)
         finally:
+            stack.close()
             if logf:
                 logf.close()
             if bar is not None:
