@@ -333,9 +333,9 @@ def dataclass_options(cls: type, *, exclude: Iterable[str] = (), help: dict[str,
                 continue
             text += f"  [default: {shown}]" if shown else ""
             if typ is bool:
-                if "/" in flag and shown in ("True", "False"):  # a spelled-out pair: name the default's flag, as click does
-                    text = text.replace(f"[default: {shown}]", f"[default: {flag.split('/')[shown == 'False'].strip()[2:]}]")
                 flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+                if shown in ("True", "False"):  # name the default's flag, as click does
+                    text = text.replace(f"[default: {shown}]", f"[default: {flag.split('/')[shown == 'False'].strip()[2:]}]")
                 f = click.option(flag, name, default=None, help=text)(f)
             elif multiple:  # numbers are typed after the comma split (dataclass_overrides), so "1,2" parses
                 typ = typ if isinstance(typ, (click.Choice, click.Path)) else str
