@@ -273,3 +273,165 @@ def test_aliases_compose_on_a_new_command(tmp_path):
     assert (r.exit_code, r.stdout.strip(), r.stderr) == (0, "m o", "")
     r = CliRunner().invoke(cmd, ["--model", "m", "--out", "o"])
     assert r.exit_code == 0 and r.stdout.strip() == "m o" and len(r.stderr.splitlines()) == 2
+
+
+# ------------------------------------------------------------------------- options from one dataclass
+
+
+def _settings_classes() -> dict[str, tuple[type, tuple[str, ...]]]:
+    """Per command: its settings dataclass, and the options that are not fields (what to run on; listed in the command)."""
+    from nestpatch.baselines.options import BenchOptions
+    from nestpatch.cli import bench_cmd, eval_cmd, robustness_cmd, tune_cmd
+    from nestpatch.evaluate.options import EvalOptions
+    from nestpatch.robustness.options import RobustnessOptions
+    from nestpatch.train.config import TrainConfig
+    from nestpatch.tune.options import TuneOptions
+
+    return {"eval": (EvalOptions, eval_cmd.CALL_ARGUMENTS), "bench": (BenchOptions, bench_cmd.CALL_ARGUMENTS),
+            "robustness": (RobustnessOptions, robustness_cmd.CALL_ARGUMENTS), "train": (TrainConfig, ("config_file",)),
+            "tune": (TuneOptions, tune_cmd.CALL_ARGUMENTS)}
+
+
+#: Options about the command's own output, on no settings dataclass.
+CLI_ONLY = {"as_json", "force", "progress"}
+
+
+def _flat_fields(cls: type) -> dict[str, bool]:
+    """Parameter name -> whether the field is a flag (a ``prefix`` field's own fields carry the prefix)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "prefix" in f.metadata:
+            out.update({f.metadata["prefix"] + k: v for k, v in _flat_fields(f.default_factory().__class__).items()})
+        else:
+            out[f.name] = f.metadata.get("cli", True) is not False
+    return out
+
+
+@pytest.mark.parametrize("name", ["eval", "bench", "robustness", "train", "tune"])
+def test_every_option_is_a_field_of_the_commands_dataclass(name):
+    cls, call_args = _settings_classes()[name]
+    params = {p.name for p in COMMANDS[name].params if p.expose_value and not getattr(p, "hidden", False)}
+    fields = _flat_fields(cls)
+    assert set(call_args) <= params and not set(call_args) & set(fields), (name, call_args)  # the list is up to date
+    assert params - set(fields) - set(call_args) - CLI_ONLY == set(), name  # no hand-written setting
+    assert {f for f, flag in fields.items() if flag} - params == set(), name  # no field without its flag (cli=False: none wanted)
+
+
+def test_bench_options_defaults_are_the_runners():
+    import dataclasses
+
+    from nestpatch.baselines.bench import BenchConfig
+    from nestpatch.baselines.options import BenchOptions
+
+    cfg = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    for f in dataclasses.fields(BenchOptions):
+        if f.name in cfg and f.name != "train_config":
+            mine = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            theirs = cfg[f.name].default_factory() if cfg[f.name].default_factory is not dataclasses.MISSING else cfg[f.name].default
+            assert mine == theirs, f.name
+
+
+def test_eval_parses_into_eval_options(monkeypatch, tmp_path):
+    from nestpatch.cli import eval_cmd
+
+    seen = {}
+
+    def fake(model, patch, names, *, backend, out_dir, options):
+        seen.update(model=model, names=names, backend=backend, options=options)
+        return {"headline": {}, "wall_seconds": 0.0}
+
+    monkeypatch.setattr(eval_cmd, "run_suites", fake)
+    out = str(tmp_path / "run")
+    r = CliRunner().invoke(cli, ["eval", "m.gguf", "--suite", "harmbench, benign", "-o", out, "--json"])
+    assert r.exit_code == 0, r.output
+    o = seen["options"]
+    assert seen["names"] == ["harmbench", "benign"] and seen["backend"] == "torch"
+    assert (o.max_new_tokens, o.harmful_max_new_tokens, o.batch_size, o.judges) == (64, 128, 8, ("refusal-phrase", "strict-refusal"))
+    assert (o.limit, o.n_threads, o.require_signature, o.resume, o.compare, o.progress) == (None, None, None, False, False, False)
+    r = CliRunner().invoke(cli, ["eval", "m.gguf", "--suite", "harmbench", "-o", out, "--judge", "harm, composite", "--threads", "2",
+                                 "--limit", "3", "--compare", "--resume", "--max-new-tokens", "5", "--file-kind", "benign", "--json"])
+    assert r.exit_code == 0, r.output
+    o = seen["options"]
+    assert (o.judges, o.n_threads, o.limit, o.compare, o.resume, o.max_new_tokens, o.harmful_max_new_tokens, o.file_kind) == \
+        (("harm", "composite"), 2, 3, True, True, 5, 128, "benign")
+    assert CliRunner().invoke(cli, ["eval", "m.gguf", "--suite", "x", "-o", out, "--limit", "0"]).exit_code == 2
+
+
+def test_robustness_parses_into_robustness_options(monkeypatch, tmp_path):
+    import nestpatch.robustness.runner as runner
+    import nestpatch.robustness.updates as updates
+
+    seen = {}
+    monkeypatch.setattr(updates, "classify", lambda name, path: updates.SafetyUpdate(name, "nestpatch", str(path)))
+    monkeypatch.setattr(runner, "run_robustness", lambda model, ups, out, opts: seen.update(opts=opts, ups=ups) or {})
+    base = ["robustness", "m", "--patch", "p.nestpatch", "-o", str(tmp_path / "o"), "--json"]
+    r = CliRunner().invoke(cli, base)
+    assert r.exit_code == 0, r.output
+    o = seen["opts"]
+    assert (o.prune_counts, o.finetune.steps, o.finetune.rank, o.finetune.lr, o.limit, o.attack_base) == \
+        ((50, 200, 800), (10, 50, 100), 8, 2e-4, 40, True)
+    r = CliRunner().invoke(cli, base + ["--prune", "16,4", "--ft-steps", "2,1", "--ft-rank", "4", "--seed", "7", "--no-base-attacks",
+                                        "--judge", "refusal-phrase,strict-refusal"])
+    assert r.exit_code == 0, r.output
+    o = seen["opts"]
+    assert (o.prune_counts, o.finetune.steps, o.finetune.rank, o.finetune.seed, o.seed, o.attack_base, o.judges) == \
+        ((4, 16), (1, 2), 4, 7, 7, False, ("refusal-phrase", "strict-refusal"))
+    r = CliRunner().invoke(cli, base + ["--prune", "4,x"])
+    assert r.exit_code == 2 and "--prune '4,x': expected comma-separated integers" in r.output and r.output.count("\n") == 1
+
+
+def test_bench_parses_into_bench_options(monkeypatch, tmp_path):
+    import nestpatch.baselines.bench as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda cfg: seen.update(cfg=cfg) or {})
+    base = ["bench", "m.gguf", "-o", str(tmp_path / "b"), "--json"]
+    assert CliRunner().invoke(cli, base).exit_code == 0
+    c = seen["cfg"]
+    assert (c.methods, c.isolate, c.include_base, c.speed, c.max_new_tokens, c.method_options) == \
+        (["nest", "lora", "full", "cb"], True, True, True, 64, {})
+    r = CliRunner().invoke(cli, base + ["--methods", "lora,cb", "--in-process", "--no-base", "--no-speed", "--steps", "lora=5",
+                                        "--lr", "0.1", "--option", 'cb.layers=[1,2]', "--lora-rank", "4", "--seed", "3",
+                                        "--bf16"])
+    assert r.exit_code == 0, r.output
+    c = seen["cfg"]
+    assert (c.methods, c.isolate, c.include_base, c.speed) == (["lora", "cb"], False, False, False)
+    assert c.method_options == {"lora": {"steps": 5, "lr": 0.1, "rank": 4}, "cb": {"lr": 0.1, "layers": [1, 2]}}
+    assert (c.train_config.seed, c.train_config.bf16) == (3, True)
+
+
+@dataclass
+class _Inner:
+    steps: tuple[int, ...] = field(default=(1, 2), metadata={"help": "Steps."})
+    secret: int = field(default=5, metadata={"cli": False})
+
+
+@dataclass
+class _Shaped:
+    n: int = field(default=2, metadata={"help": "N.", "min": 1, "max": 9})
+    names: tuple[str, ...] = field(default=("a",), metadata={"flag": "--name", "cli_default": ("a", "b")})
+    raw: tuple[str, ...] = field(default=(), metadata={"flag": "--raw", "split": False})
+    parallel: bool = field(default=True, metadata={"flag": "--serial", "negate": True, "flag_help": "One at a time."})
+    inner: _Inner = field(default_factory=_Inner, metadata={"prefix": "in_"})
+    internal: int = field(default=0, metadata={"cli": False})
+
+
+def test_dataclass_options_metadata_shapes_the_flags():
+    from nestpatch.cli.options import dataclass_from_options, option_names
+
+    @click.command()
+    @dataclass_options(_Shaped)
+    def cmd(**kw):
+        o = dataclass_from_options(_Shaped, kw)
+        click.echo(json.dumps([o.n, o.names, o.raw, o.parallel, o.inner.steps, o.inner.secret, o.internal]))
+
+    assert option_names(_Shaped) == ["n", "names", "raw", "parallel", "in_steps"]
+    assert {"--n", "--name", "--raw", "--serial", "--in-steps"} == _opts(cmd) - {"--help"}
+    assert json.loads(CliRunner().invoke(cmd, []).stdout) == [2, ["a", "b"], [], True, [1, 2], 5, 0]
+    r = CliRunner().invoke(cmd, ["--n", "3", "--name", "x, y", "--raw", "k=1,2", "--serial", "--in-steps", "3,4"])
+    assert json.loads(r.stdout) == [3, ["x", "y"], ["k=1,2"], False, [3, 4], 5, 0]
+    assert CliRunner().invoke(cmd, ["--n", "10"]).exit_code == 2
+    page = CliRunner().invoke(cmd, ["--help"]).stdout
+    assert "One at a time." in page and "[default: a,b]" in page and "1<=x<=9" in page

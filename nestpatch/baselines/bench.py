@@ -35,14 +35,13 @@ from ..atomic import atomic_path
 from ..errors import InputError, TrainingError
 from ..provenance import library_versions
 from ..train.config import TrainConfig
+from .options import DEFAULT_METHODS, DEFAULT_SUITES
 from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, read_json, run_job, write_json)
 from .registry import get_method
 from .speed import SPEED_FILE, speed_stage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("nest", "lora", "full", "cb")
-DEFAULT_SUITES = ("harmbench", "harmful-heldout", "benign", "overrefusal", "utility")
 BENCH_FILE = "bench.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

@@ -209,6 +209,20 @@ def print_json(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------- dataclass options
+#
+# A field's ``metadata`` says how its flag looks (every key optional):
+#
+#   help         the help text                      choices      allowed values (click.Choice)
+#   flag         the spelling ("--judge"; a bool: "--x/--no-x", or one "--x" that sets it, or with
+#                negate=True one "--no-x"/"--in-process" that clears it; flag_help: that flag's text)
+#   min, max     a number range (click.IntRange / FloatRange; on list items: checked by the dataclass)
+#   path         "file" or "dir" (click.Path of that kind; exists=True: it must exist)
+#   split        False: a repeatable list whose values are not split on commas (values with commas)
+#   cli_default  the CLI's default where the library's differs (shown, and applied when not given)
+#   show_default False: no "[default: ...]" (the help says what happens)
+#   metavar      the value's name in --help
+#   cli          False: not a flag (a library-only setting)
+#   prefix       on a field that is itself a dataclass: its fields become flags named PREFIX + field
 
 
 def field_specs(cls: type, exclude: Iterable[str] = ()) -> list[tuple[str, Any, Any, dict]]:
@@ -236,15 +250,26 @@ def _strip_optional(hint: Any) -> Any:
     return hint
 
 
+def _range(typ: Any, meta: dict) -> Any:
+    if "min" not in meta and "max" not in meta:
+        return typ
+    rng = click.IntRange if typ is int else click.FloatRange
+    return rng(meta.get("min"), meta.get("max"))
+
+
 def param_type(hint: Any, meta: dict) -> tuple[Any, bool]:
-    """click type and whether the option repeats, from a field's type hint (``X | None`` is ``X``)."""
+    """click type and whether the option repeats, from a field's type hint (``X | None`` is ``X``) and metadata."""
     hint = _strip_optional(hint)
     origin, args = get_origin(hint), get_args(hint)
     multiple = origin in (list, tuple)
     base = args[0] if multiple and args else hint
     if meta.get("choices"):
         return click.Choice([str(c) for c in meta["choices"]]), multiple
-    return {int: int, float: float, str: str, bool: bool}.get(base, str), multiple
+    if meta.get("path"):
+        kind = meta["path"]
+        return click.Path(file_okay=kind != "dir", dir_okay=kind != "file", exists=bool(meta.get("exists"))), multiple
+    typ = {int: int, float: float, str: str, bool: bool}.get(base, str)
+    return (typ if multiple or typ in (str, bool) else _range(typ, meta)), multiple
 
 
 def _show_default(default: Any) -> str:
@@ -255,47 +280,91 @@ def _show_default(default: Any) -> str:
     return str(default)
 
 
+def flag_of(name: str, meta: dict) -> str:
+    """The flag a field's option is spelled as (the first, for a ``--x/--no-x`` pair)."""
+    return str(meta.get("flag") or "--" + name.replace("_", "-")).split("/")[0]
+
+
+def _specs(cls: type, exclude: Iterable[str], choices: dict[str, tuple] | None) -> list[tuple[str, Any, Any, dict]]:
+    """Each flag's ``(parameter name, hint, default, metadata)``: a ``prefix`` field is replaced by its own fields
+    (``metadata["parent"]``/``["field"]`` say where the value goes); ``cli=False`` fields are left out."""
+    out = []
+    for n, h, d, m in field_specs(cls, exclude):
+        if m.get("cli", True) is False:
+            continue
+        if m.get("prefix") is not None and dataclasses.is_dataclass(_strip_optional(h)):
+            for sn, sh, sd, sm in _specs(_strip_optional(h), (), None):
+                out.append((m["prefix"] + sn, sh, sd, {**sm, "parent": n, "field": sn}))
+            continue
+        out.append((n, h, d, m))
+    if choices:
+        out = [(n, h, d, {**m, "choices": choices[n]} if n in choices else m) for n, h, d, m in out]
+    return out
+
+
+def option_names(cls: type, exclude: Iterable[str] = ()) -> list[str]:
+    """The parameter names :func:`dataclass_options` gives ``cls``'s flags (nested fields with their prefix)."""
+    return [n for n, _, _, _ in _specs(cls, exclude, None)]
+
+
 def dataclass_options(cls: type, *, exclude: Iterable[str] = (), help: dict[str, str] | None = None,
                       choices: dict[str, tuple] | None = None) -> Callable[[F], F]:
-    """One click option per field of dataclass ``cls`` (defaults ``None``: "not given").
+    """One click option per field of dataclass ``cls`` (defaults ``None``: "not given"), shaped by its metadata.
 
-    ``--name-with-dashes`` per field, ``--x/--no-x`` for booleans, repeatable (commas also split)
-    for lists and tuples. Help comes from the field's ``metadata["help"]`` or ``help[name]``;
-    choices from ``metadata["choices"]`` or ``choices[name]``. Read the given values back with
-    :func:`dataclass_overrides`.
+    ``--name-with-dashes`` per field unless ``metadata["flag"]``, ``--x/--no-x`` for booleans,
+    repeatable (commas also split) for lists and tuples. Help comes from the field's
+    ``metadata["help"]`` or ``help[name]``; choices from ``metadata["choices"]`` or ``choices[name]``
+    (the other metadata keys: the comment above). Read the given values back with
+    :func:`dataclass_overrides`, or build the dataclass with :func:`dataclass_from_options`.
     """
     specs = _specs(cls, exclude, choices)
     extra = help or {}
 
     def decorate(f: F) -> F:
         for name, hint, default, meta in reversed(specs):
-            flag = "--" + name.replace("_", "-")
+            flag = meta.get("flag") or "--" + name.replace("_", "-")
             typ, multiple = param_type(hint, meta)
-            shown = _show_default(default)
-            text = (meta.get("help") or extra.get(name, "")) + (f"  [default: {shown}]" if shown else "")
+            shown = _show_default(meta.get("cli_default", default)) if meta.get("show_default", True) else ""
+            text = meta.get("help") or extra.get(name, "")
+            kw: dict[str, Any] = {"metavar": meta["metavar"]} if meta.get("metavar") else {}
+            if typ is bool and "/" not in flag and meta.get("flag"):  # one flag: sets the field (or clears it: negate)
+                text = meta.get("flag_help", text)
+                f = click.option(flag, name, is_flag=True, default=False, help=text)(f)
+                continue
+            text += f"  [default: {shown}]" if shown else ""
             if typ is bool:
-                f = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=text)(f)
+                flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+                if shown in ("True", "False"):  # name the default's flag, as click does
+                    text = text.replace(f"[default: {shown}]", f"[default: {flag.split('/')[shown == 'False'].strip()[2:]}]")
+                f = click.option(flag, name, default=None, help=text)(f)
             elif multiple:  # numbers are typed after the comma split (dataclass_overrides), so "1,2" parses
-                typ = typ if isinstance(typ, click.Choice) else str
-                f = click.option(flag, name, type=typ, multiple=True, help=text + " (repeatable; commas also split)")(f)
+                typ = typ if isinstance(typ, (click.Choice, click.Path)) else str
+                how = " (repeatable)" if meta.get("split") is False else " (repeatable; commas also split)"
+                f = click.option(flag, name, type=typ, multiple=True, help=text + how, **kw)(f)
             else:
-                f = click.option(flag, name, type=typ, default=None, help=text)(f)
+                f = click.option(flag, name, type=typ, default=None, help=text, **kw)(f)
         return f
 
     return decorate
 
 
-def _specs(cls: type, exclude: Iterable[str], choices: dict[str, tuple] | None) -> list[tuple[str, Any, Any, dict]]:
-    specs = field_specs(cls, exclude)
-    if choices:
-        specs = [(n, h, d, {**m, "choices": choices[n]} if n in choices else m) for n, h, d, m in specs]
-    return specs
+def _typed(items: list[str], typ: Any, name: str, meta: dict) -> list[Any]:
+    if typ not in (int, float):
+        return items
+    try:
+        return [typ(x) for x in items]
+    except ValueError:
+        from ..errors import InputError
+
+        what = "integers" if typ is int else "numbers"
+        raise InputError(f"{flag_of(name, meta)} {','.join(items)!r}: expected comma-separated {what} (e.g. 1,2,3)") from None
 
 
 def dataclass_overrides(cls: type, kwargs: dict, *, exclude: Iterable[str] = (), choices: dict[str, tuple] | None = None) -> dict:
     """The values of :func:`dataclass_options` flags that were given, lists split on commas and typed.
 
-    Keys that are not fields of ``cls`` are ignored, so a command can pass all its kwargs.
+    Keys are parameter names (a nested field's carries its prefix). Keys that are not fields of
+    ``cls`` are ignored, so a command can pass all its kwargs.
     """
     out: dict[str, Any] = {}
     for name, hint, _, meta in _specs(cls, exclude, choices):
@@ -303,12 +372,40 @@ def dataclass_overrides(cls: type, kwargs: dict, *, exclude: Iterable[str] = (),
         if value is None:
             continue
         typ, multiple = param_type(hint, meta)
+        if typ is bool and "/" not in str(meta.get("flag") or "/") and not isinstance(value, tuple):
+            if value:  # a one-way flag: given means set (or cleared, with negate)
+                out[name] = not meta.get("negate", False)
+            continue
         if multiple:
             if not value:
                 continue
-            items = [x for v in value for x in str(v).split(",") if x != ""]
-            items = [typ(x) if typ in (int, float) else x for x in items]
+            parts = (x.strip() for v in value for x in (str(v).split(",") if meta.get("split", True) else [str(v)]))
+            items = [x for x in parts if x != ""]
+            items = _typed(items, typ, name, meta)
             out[name] = tuple(items) if get_origin(_strip_optional(hint)) is tuple else items
         else:
             out[name] = value
     return out
+
+
+def dataclass_from_options(cls: type, kwargs: dict, *, exclude: Iterable[str] = (), **fixed: Any) -> Any:
+    """Build ``cls`` from a command's parsed values: given flags, else each field's ``cli_default``, else its default.
+
+    ``fixed`` sets fields that do not come from generated flags (e.g. ``progress``).
+    """
+    specs = _specs(cls, exclude, None)
+    values = {n: m["cli_default"] for n, _, _, m in specs if "cli_default" in m}
+    values.update(dataclass_overrides(cls, kwargs, exclude=exclude))
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    meta_of = {n: m for n, _, _, m in specs}
+    for name, value in values.items():
+        m = meta_of[name]
+        if "parent" in m:
+            nested.setdefault(m["parent"], {})[m["field"]] = value
+        else:
+            top[name] = value
+    hints = get_type_hints(cls)
+    for parent, sub in nested.items():
+        top[parent] = _strip_optional(hints[parent])(**sub)
+    return cls(**{**top, **fixed})

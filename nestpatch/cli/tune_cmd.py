@@ -7,10 +7,11 @@ from typing import Any
 import click
 
 from ..tune.options import TuneOptions
-from .options import dataclass_options, dataclass_overrides, json_option, model_argument, output_option, print_json, quiet
+from .options import dataclass_from_options, dataclass_options, json_option, model_argument, output_option, print_json, quiet
 
 
-_NOT_FLAGS = ("enqueue_defaults",)  # spelled --no-defaults-first
+#: Options that are not :class:`TuneOptions` fields: the base training config every trial starts from, and the report.
+CALL_ARGUMENTS = ("model", "out", "config_file", "threads", "as_json")
 
 
 @click.command("tune")
@@ -20,10 +21,9 @@ _NOT_FLAGS = ("enqueue_defaults",)  # spelled --no-defaults-first
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="train.toml with fixed settings for every trial (the space overrides the fields it searches).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
-@click.option("--no-defaults-first", is_flag=True, help="Do not run the base config (today's defaults) as trial 0.")
 @json_option("Print the front as JSON at the end.")
-@dataclass_options(TuneOptions, exclude=_NOT_FLAGS)
-def tune_cmd(model: str, out: str, config_file: str | None, threads: int, no_defaults_first: bool, as_json: bool, **kwargs: Any) -> None:
+@dataclass_options(TuneOptions)
+def tune_cmd(model: str, out: str, config_file: str | None, threads: int, as_json: bool, **kwargs: Any) -> None:
     """Find the NeST recipe for MODEL: each trial trains a patch and measures it on validation sets.
 
     \b
@@ -40,8 +40,7 @@ def tune_cmd(model: str, out: str, config_file: str | None, threads: int, no_def
     from ..train.config import TrainConfig
     from ..tune.study import run_tune
 
-    opts = TuneOptions(**dataclass_overrides(TuneOptions, kwargs, exclude=_NOT_FLAGS),
-                       enqueue_defaults=not no_defaults_first)
+    opts = dataclass_from_options(TuneOptions, kwargs)
     if opts.trials < 1:
         raise InputError(f"--trials must be at least 1, got {opts.trials}")
     base = TrainConfig.from_toml(config_file) if config_file else TrainConfig()

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,7 @@ from ..models.files import is_gguf
 from ..provenance import library_versions, model_digest, patch_digest, text_digest
 from .backends import Backend, LlamaBackend, TorchBackend, VariantFactory
 from .judges import Judge, make_judge
+from .options import EvalOptions
 from .records import RecordWriter, read_records
 from .run_digest import render_markdown
 from .suites import Suite, load_suites
@@ -51,68 +52,6 @@ BASE = "base"
 PATCHED = "patched"
 #: Settings that must not change between a run and its --resume.
 _IDENTITY_KEYS = ("model", "patch", "backend", "decoding", "judges")
-
-
-@dataclass
-class EvalOptions:
-    """Settings of an evaluation run (one place for the CLI, the API and ``run.json``).
-
-    Attributes:
-        max_new_tokens: reply length cap (greedy decoding) of benign and over-refusal suites.
-        harmful_max_new_tokens: the cap of harmful and jailbreak suites (``None``: max_new_tokens;
-            the CLI's default is 128: replies that open with a refusal and pivot late are missed at 64).
-        harm_model: GGUF path or model asset of the ``harm``/``composite`` judges
-            (default ``qwen2.5-coder-1.5b``).
-        batch_size: prompts per generation batch (torch) or sequences in flight (llama.cpp; 1 = one at a time).
-        limit: only the first N samples of each suite (quick looks).
-        seed: recorded, and seeds torch (decoding is greedy, so results do not depend on it).
-        judges: judge names from the registry, the first refusal judge is the primary one.
-        judge_model: a local classifier model file: adds the ``model`` judge.
-        judge_format: its prompt format (``auto``, ``llama-guard-3`` or a template file).
-        utility_reply_tokens: length of the reference answers the KL is measured on.
-        resume: continue a run in ``out_dir``, skipping samples already written.
-        progress: show progress bars (stderr).
-        compare: evaluate with and without the patch (``base`` and ``patched``).
-        device, dtype: torch loading.
-        patch_mode, precision: llama.cpp: fold the patch into a cached GGUF, or run it as LoRA.
-        n_threads, n_ctx: llama.cpp settings (threads default to all cores).
-        column, file_kind: for suites given as prompt files.
-        require_signature: a public key: refuse an unsigned or badly signed patch.
-    """
-
-    max_new_tokens: int = 64
-    harmful_max_new_tokens: int | None = None
-    harm_model: str | None = None
-    batch_size: int = 8
-    limit: int | None = None
-    seed: int = 0
-    judges: tuple[str, ...] = ("refusal-phrase",)
-    judge_model: str | None = None
-    judge_format: str = "auto"
-    utility_reply_tokens: int = 32
-    resume: bool = False
-    progress: bool = True
-    compare: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    patch_mode: str = "fold"
-    precision: str = "keep"
-    n_threads: int | None = None
-    n_ctx: int = 2048
-    column: str | None = None
-    file_kind: str = "harmful"
-    require_signature: Any = None
-
-    def __post_init__(self) -> None:
-        if self.harmful_max_new_tokens is None:
-            self.harmful_max_new_tokens = self.max_new_tokens
-        if self.max_new_tokens < 1 or self.harmful_max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}/{self.harmful_max_new_tokens}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise InputError(f"limit must be >= 1, got {self.limit}")
-        self.judges = tuple(self.judges)
 
 
 # ------------------------------------------------------------------------------------------ helpers

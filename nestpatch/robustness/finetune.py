@@ -14,46 +14,18 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..detect import format_prompt
 from ..errors import InputError
+from .options import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
 #: Modules the attack adapts (llama-style names): all linear layers of attention and MLP.
 ATTACK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of the fine-tuning attack.
-
-    Attributes:
-        steps: step counts at which the attacked model is handed to ``on_checkpoint`` (sorted).
-        rank, alpha: LoRA rank and scale (rank 8 as in the published attack).
-        lr: AdamW learning rate.
-        batch_size: pairs per step (sampled with replacement-free epochs under ``seed``).
-        max_length: tokens per (prompt + answer) sequence, longer ones are cut at the end.
-    """
-
-    steps: tuple[int, ...] = (10, 50, 100)
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 2e-4
-    batch_size: int = 4
-    max_length: int = 192
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.steps = tuple(sorted({int(s) for s in self.steps}))
-        if not self.steps or self.steps[0] < 1:
-            raise InputError(f"fine-tune steps must be positive integers, got {self.steps}")
-        if self.batch_size < 1 or self.rank < 1:
-            raise InputError("fine-tune batch size and rank must be at least 1")
 
 
 def complying_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 96,

@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .finetune import FinetuneConfig
+from .options import ATTACKS, FinetuneConfig, RobustnessOptions  # noqa: F401  (their home; re-exported here)
 from .updates import BASE, SafetyUpdate
 
 log = logging.getLogger(__name__)
@@ -36,68 +36,9 @@ log = logging.getLogger(__name__)
 SCHEMA = "nestpatch.robustness/1"
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_FILE = "attack_data/harmful_pairs.jsonl"
-ATTACKS = ("ablation", "pruning", "finetune")  # the built-in attacks (the registry: register_attack)
 #: The evaluation variant name inside each eval run directory.
 VARIANT = "model"
 NONE = "none"
-
-
-@dataclass
-class RobustnessOptions:
-    """Settings of a robustness run (one place for the CLI, the API and ``results.json``).
-
-    Attributes:
-        suites: eval suites run after each attack (harmful suites give the ASR); e.g.
-            ``harmbench``, ``jailbreak:prefill`` once that suite exists.
-        limit: samples per suite; max_new_tokens, batch_size, judges: as in ``nestpatch eval``.
-        attacks: which attacks to run (``ablation``, ``pruning``, ``finetune``).
-        prune_counts: numbers of neurons pruned (strengths of the pruning attack).
-        finetune: the fine-tuning attack's settings (LoRA rank, steps, lr).
-        attack_pairs: harmful (request, answer) pairs generated for the fine-tuning attack.
-        answer_tokens: length cap of those answers.
-        answer_model: the complying model that writes them (default: the base MODEL).
-        direction_prompts: harmful and harmless training prompts each, for the refusal
-            direction and for the pruning detector (built-in training sources).
-        val_prompts: HarmBench *validation* and built-in held-out benign prompts each, to choose
-            the ablation layer.
-        kl_max: KL ceiling of the ablation layer choice (Arditi et al. use 0.1).
-        attack_base: attack the base model too (else it is only evaluated, as the reference).
-        resume: read back finished evaluation points.
-    """
-
-    suites: tuple[str, ...] = ("harmbench",)
-    limit: int | None = 40
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    judges: tuple[str, ...] = ("refusal-phrase",)
-    attacks: tuple[str, ...] = ATTACKS
-    prune_counts: tuple[int, ...] = (50, 200, 800)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    attack_pairs: int = 64
-    answer_tokens: int = 96
-    answer_model: str | None = None
-    direction_prompts: int = 64
-    val_prompts: int = 32
-    kl_max: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    attack_base: bool = True
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.suites = tuple(self.suites)
-        self.attacks = tuple(self.attacks)
-        for a in self.attacks:
-            get_attack(a)  # an unknown name: one error listing the registered attacks
-        self.prune_counts = tuple(sorted({int(k) for k in self.prune_counts}))
-        if any(k < 1 for k in self.prune_counts):
-            raise InputError(f"prune counts must be positive, got {self.prune_counts}")
-        if not self.suites:
-            raise InputError("give at least one eval suite")
-        for name in ("direction_prompts", "val_prompts", "attack_pairs"):
-            if getattr(self, name) < 2:
-                raise InputError(f"{name} must be at least 2, got {getattr(self, name)}")
 
 
 def _now() -> str:

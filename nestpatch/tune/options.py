@@ -31,4 +31,6 @@ class TuneOptions:
     kl_prompts: int = _f(16, "Benign validation prompts the KL is measured on.")
     kl_tokens: int = _f(16, "Reply tokens the KL is measured over.")
     batch_size: int = _f(16, "Validation generation batch size.")
-    enqueue_defaults: bool = _f(True, "Trial 0 = the base config (today's defaults) where it lies in the space.")
+    enqueue_defaults: bool = _f(True, "Trial 0 = the base config (today's defaults) where it lies in the space.",
+                                flag="--no-defaults-first", negate=True,
+                                flag_help="Do not run the base config (today's defaults) as trial 0.")
