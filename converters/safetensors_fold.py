@@ -38,8 +38,8 @@ from nestpatch.errors import FormatError, InputError
 from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import AXIS_ROW, PolicyKey
 from nestpatch.format.patch import Patch, Target
-from nestpatch.format.safetensors_io import SafetensorsFile, dumps, f32_to_bf16
-from nestpatch.models.files import ITEMSIZE, ModelLayout, Shard, describe_config, discover, encode_header, gather, parse_shard, to_f32
+from nestpatch.format.safetensors_io import SafetensorsFile, dumps, encode_header, f32_to_bf16
+from nestpatch.models.files import ITEMSIZE, ModelLayout, Shard, describe_config, discover, gather, parse_shard, to_f32
 from nestpatch.provenance import patch_digest
 
 from .provenance import FoldKey

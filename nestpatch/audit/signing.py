@@ -26,6 +26,7 @@ from ..format.constants import Doc, Meta, SignatureKey
 from ..format.digest import canonical_json, content_digest
 from ..format.patch import Patch
 from ..format.reader import read_document, read_patch
+from ..format.safetensors_io import encode_header, read_header
 from ..format.writer import compute_digest, metadata_document
 
 log = logging.getLogger(__name__)
@@ -213,13 +214,10 @@ def _rewrite_document(path: Path, out: Path, doc: dict) -> None:
     """
     from ..atomic import write_bytes_atomic
 
-    raw = path.read_bytes()
-    (hlen,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + hlen].decode("utf-8"))
-    header["__metadata__"][Meta.DOCUMENT] = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    hbytes += b" " * ((8 - len(hbytes) % 8) % 8)
-    write_bytes_atomic(out, struct.pack("<Q", len(hbytes)) + hbytes + raw[8 + hlen :])
+    src = read_header(path)
+    src.header["__metadata__"][Meta.DOCUMENT] = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    hbytes = encode_header(src.header)
+    write_bytes_atomic(out, struct.pack("<Q", len(hbytes)) + hbytes + path.read_bytes()[src.data_start :])
 
 
 def sign_patch(path: str | os.PathLike, private_key_path: str | os.PathLike, *, out: str | os.PathLike | None = None,

@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,15 @@ def strict_loads(text: str | bytes, where: str) -> Any:
     A duplicate key is how two readers come to see two different documents (the first or the
     last value wins), which is exactly what a signature must not allow.
     """
+    return _loads(text, where, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _loads(text: str | bytes, where: str, **hooks: Any) -> Any:
+    """``json.loads`` whose every failure is a one-line FormatError naming ``where``."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(text, **hooks)
     except _JSONReject as e:
         raise FormatError(f"{where}: {e}") from None
     except UnicodeDecodeError:
@@ -117,9 +123,71 @@ def dumps(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) 
         header[name] = {"dtype": dtype, "shape": list(np.shape(arr)), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
-    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    hbytes += b" " * ((8 - len(hbytes) % 8) % 8)
+    hbytes = encode_header(header)
     return struct.pack("<Q", len(hbytes)) + hbytes + b"".join(blobs)
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    """Header bytes as the reference implementation lays them out: compact ASCII JSON padded with spaces to 8 bytes."""
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    return raw + b" " * ((8 - len(raw) % 8) % 8)
+
+
+@dataclass(frozen=True)
+class RawHeader:
+    """A safetensors header as read by :func:`read_header`."""
+
+    header: dict[str, Any]  # the decoded JSON object, key order kept, ``__metadata__`` included
+    header_bytes: bytes  # the JSON header exactly as stored (padding included)
+    size: int  # bytes in the whole file
+
+    @property
+    def data_start(self) -> int:
+        return 8 + len(self.header_bytes)
+
+
+def read_header(path: str | os.PathLike, *, limit: int = MAX_HEADER_BYTES, strict: bool = True,
+                expected: str = "a safetensors file", gguf_hint: str = "") -> RawHeader:
+    """Read and decode the header of the safetensors file at ``path``: the one place that does.
+
+    Checks the 8-byte length against ``limit`` and the file size before reading, then decodes
+    the JSON object. ``strict`` refuses duplicate keys and NaN/Infinity (:func:`strict_loads`);
+    otherwise any JSON is taken, as other safetensors readers do. Tensor entries are the
+    caller's to check. ``expected`` names what the file should be, for the messages;
+    ``gguf_hint`` ends the message for a GGUF model given in its place.
+
+    Raises:
+        FormatError: one line naming the file (missing, a directory, a GGUF model, truncated,
+            header too large, not UTF-8 JSON, not an object).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, expected {expected}")
+    if size < 8:
+        raise FormatError(f"{path}: truncated: {size} bytes, expected at least an 8-byte header length")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:4] == b"GGUF":
+                raise FormatError(f"{path}: this is a GGUF model, not {expected}{gguf_hint}")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > limit:
+                raise FormatError(f"{path}: header length {hlen} exceeds the limit of {limit} bytes")
+            if 8 + hlen > size:
+                raise FormatError(f"{path}: truncated: header claims {hlen} bytes, file has {size - 8} after the length")
+            hraw = f.read(hlen)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    header = (strict_loads if strict else _loads)(hraw, f"{path}: header")
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
+    return RawHeader(header, hraw, size)
 
 
 class SafetensorsFile:
@@ -131,35 +199,14 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: no such file") from None
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot read ({e.strerror})") from None
-        if self.path.is_dir():
-            raise FormatError(f"{self.path}: is a directory, expected a .nestpatch file")
-        if size < 8:
-            raise FormatError(f"{self.path}: truncated: {size} bytes, expected at least an 8-byte header length")
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if head[:4] == b"GGUF":
-                raise FormatError(f"{self.path}: this is a GGUF model, not a .nestpatch file; did you swap MODEL and PATCH?")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES:
-                raise FormatError(f"{self.path}: header length {hlen} exceeds the limit of {MAX_HEADER_BYTES} bytes")
-            if 8 + hlen > size:
-                raise FormatError(f"{self.path}: truncated: header claims {hlen} bytes, file has {size - 8} after the length")
-            hraw = f.read(hlen)
-        header = strict_loads(hraw, f"{self.path}: header")
-        if not isinstance(header, dict):
-            raise FormatError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
+        raw = read_header(self.path, expected="a .nestpatch file", gguf_hint="; did you swap MODEL and PATCH?")
+        header = dict(raw.header)
         meta = header.pop("__metadata__", {}) or {}
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise FormatError(f"{self.path}: __metadata__ must map strings to strings")
         self.metadata: dict[str, str] = meta
-        self._data_start = 8 + hlen
-        data_len = size - self._data_start
+        self._data_start = raw.data_start
+        data_len = raw.size - self._data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         spans = []
         for name, info in header.items():

@@ -19,7 +19,6 @@ import logging
 import mmap
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 from ..errors import BaseMismatchError, FormatError, InputError, UnsupportedError
 from ..format.constants import AXIS_ROW, BaseKey
 from ..format.patch import Target
-from ..format.safetensors_io import bf16_to_f32
+from ..format.safetensors_io import bf16_to_f32, read_header
 from .gguf_layout import parse_layout
 from .naming import hf_to_gguf, parse_hf_name
 
@@ -123,25 +122,8 @@ def parse_shard(path: str | os.PathLike) -> Shard:
         FormatError: naming the file and the broken rule (a truncated file, for instance).
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{path}: truncated: {size} bytes, a safetensors file starts with an 8-byte header length")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER or 8 + hlen > size:
-                raise FormatError(f"{path}: header length {hlen} is invalid for a file of {size} bytes (truncated or not safetensors)")
-            hbytes = f.read(hlen)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(hbytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid UTF-8 JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header is not a JSON object")
-    data_len = size - 8 - hlen
+    raw = read_header(path, limit=MAX_HEADER, strict=False)
+    header, data_len = raw.header, raw.size - raw.data_start
     entries: dict[str, Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -156,13 +138,7 @@ def parse_shard(path: str | os.PathLike) -> Shard:
             raise FormatError(f"{path}: tensor {name!r} holds {end - start} bytes, "
                               f"expected {int(np.prod(shape))} x {ITEMSIZE[dtype]} for {dtype} {list(shape)}")
         entries[name] = Entry(dtype, shape, start, end)
-    return Shard(path=path, header_bytes=hbytes, header=header, entries=entries, size=size)
-
-
-def encode_header(header: dict[str, Any]) -> bytes:
-    """Header bytes as the reference implementation lays them out: compact JSON padded to 8 bytes."""
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    return raw + b" " * ((8 - len(raw) % 8) % 8)
+    return Shard(path=path, header_bytes=raw.header_bytes, header=header, entries=entries, size=raw.size)
 
 
 @dataclass
