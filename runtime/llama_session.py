@@ -139,8 +139,39 @@ def lora_adapter(patch: Patch, base: str | os.PathLike | None = None, *, cache_d
 # ------------------------------------------------------------------------------------- the session
 
 
+class PromptFormatting:
+    """Prompt text from a user prompt or a conversation, shared by the llama.cpp and torch sessions.
+
+    A session gives ``chat_template`` and ``_apply_template``; without a template the
+    messages are joined as plain text.
+    """
+
+    chat_template: str | None
+
+    def _apply_template(self, template: str, messages: Messages, add_generation_prompt: bool) -> str:
+        raise NotImplementedError
+
+    def format_messages(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation: the model's chat template, or plain text without one."""
+        tmpl = self.chat_template
+        if not tmpl:
+            return "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
+        return self._apply_template(tmpl, messages, add_generation_prompt)
+
+    def format_prompt(self, prompt: str, system: str | None = None) -> str:
+        msgs: Messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.format_messages(msgs)
+
+    def prompt_text(self, prompt: str | Messages, *, system: str | None = None, raw: bool = False) -> str:
+        """What :meth:`generate` feeds the model: ``prompt`` itself if ``raw``, else the formatted prompt."""
+        if raw:
+            assert isinstance(prompt, str)
+            return prompt
+        return self.format_prompt(prompt, system) if isinstance(prompt, str) else self.format_messages(prompt)
+
+
 @dataclass
-class LlamaSession:
+class LlamaSession(PromptFormatting):
     """A llama.cpp model, optionally patched (folded or LoRA-live), with greedy chat generation.
 
     Args:
@@ -267,18 +298,10 @@ class LlamaSession:
 
     # ---------------------------------------------------------------- prompts
 
-    def format_messages(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation: the model's chat template, or plain text without one."""
-        tmpl = self.chat_template
-        if not tmpl:
-            return "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
+    def _apply_template(self, template: str, messages: Messages, add_generation_prompt: bool) -> str:
         bos = self._piece(self._llm.token_bos())
         eos = self._piece(self._llm.token_eos())
-        return render_chat_template(tmpl, messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt)
-
-    def format_prompt(self, prompt: str, system: str | None = None) -> str:
-        msgs: Messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.format_messages(msgs)
+        return render_chat_template(template, messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt)
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a formatted prompt: special tokens parsed, BOS added once if the vocab wants one."""
@@ -302,13 +325,7 @@ class LlamaSession:
         Args:
             on_text: called with each new piece of text as it is decoded (streaming).
         """
-        if raw:
-            assert isinstance(prompt, str)
-            text = prompt
-        elif isinstance(prompt, str):
-            text = self.format_prompt(prompt, system)
-        else:
-            text = self.format_messages(prompt)
+        text = self.prompt_text(prompt, system=system, raw=raw)
         tokens = self.tokenize(text)
         gen = self.generate_tokens(tokens, max_new_tokens=max_new_tokens, on_text=on_text)
         gen.prompt_text = text

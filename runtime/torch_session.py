@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 from nestpatch.format.patch import Patch
 
 from .attach import AttachHandle, attach
-from .llama_session import Generation, Messages
+from .llama_session import Generation, Messages, PromptFormatting
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-class TorchSession:
+class TorchSession(PromptFormatting):
     """A transformers causal LM and its tokenizer, optionally with a patch attached.
 
     Args:
@@ -77,14 +77,8 @@ class TorchSession:
     def chat_template(self) -> str | None:
         return getattr(self.tokenizer, "chat_template", None) or None
 
-    def format_messages(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            return "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
+    def _apply_template(self, template: str, messages: Messages, add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def format_prompt(self, prompt: str, system: str | None = None) -> str:
-        msgs: Messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.format_messages(msgs)
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a formatted prompt (the template already holds any special tokens)."""
@@ -143,11 +137,7 @@ class TorchSession:
         import torch
         from transformers.generation.streamers import TextStreamer
 
-        if raw:
-            assert isinstance(prompt, str)
-            text = prompt
-        else:
-            text = self.format_prompt(prompt, system) if isinstance(prompt, str) else self.format_messages(prompt)
+        text = self.prompt_text(prompt, system=system, raw=raw)
         ids = torch.tensor([self.tokenize(text)], device=next(self.model.parameters()).device)
         streamer = None
         if on_text is not None:
