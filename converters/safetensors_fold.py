@@ -28,18 +28,20 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from nestpatch import __version__
+from nestpatch.assets import sha256_file
 from nestpatch.atomic import atomic_dir, atomic_path
 from nestpatch.errors import FormatError, InputError
 from nestpatch.fingerprint import check_base, check_description
 from nestpatch.format.constants import AXIS_ROW, PolicyKey
 from nestpatch.format.patch import Patch, Target
 from nestpatch.format.safetensors_io import SafetensorsFile, dumps, encode_header, f32_to_bf16
-from nestpatch.models.files import ITEMSIZE, ModelLayout, Shard, describe_config, discover, gather, parse_shard, to_f32
+from nestpatch.models.files import ITEMSIZE, Entry, ModelLayout, Shard, describe_config, discover, gather, parse_shard, to_f32
 from nestpatch.provenance import patch_digest
 
 from .provenance import FoldKey
@@ -176,6 +178,18 @@ def _scatter(mm: mmap.mmap, data_start: int, shape: tuple[int, ...], start: int,
     del view
 
 
+def _scatter_file(path: Path, data_start: int, edits: Iterable[tuple[Entry, str, np.ndarray, np.ndarray]]) -> None:
+    """Apply ``edits`` (tensor entry, axis, indices, values (n, d) as stored) to the file at ``path`` in place."""
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+        try:
+            for e, axis, idx, values in edits:
+                _scatter(mm, data_start, e.shape, e.start, ITEMSIZE[e.dtype], axis, idx, values)
+            mm.flush()
+        finally:
+            mm.close()
+
+
 def _write_shard(src: Shard, dst: Path, header: dict, edits: list[tuple[str, np.ndarray, np.ndarray, str]]) -> str:
     """Write ``header`` + ``src``'s data section to ``dst``, apply ``edits``, return sha256 of ``src``.
 
@@ -197,16 +211,7 @@ def _write_shard(src: Shard, dst: Path, header: dict, edits: list[tuple[str, np.
         fout.seek(8)
         fout.write(final)
     if edits:
-        data_start = 8 + len(hbytes)
-        with open(dst, "r+b") as f:
-            mm = mmap.mmap(f.fileno(), 0)
-            try:
-                for tensor, idx, values, axis in edits:
-                    e = src.entries[tensor]
-                    _scatter(mm, data_start, e.shape, e.start, ITEMSIZE[e.dtype], axis, idx, values)
-                mm.flush()
-            finally:
-                mm.close()
+        _scatter_file(dst, 8 + len(hbytes), ((src.entries[tensor], axis, idx, values) for tensor, idx, values, axis in edits))
     with open(dst, "rb+") as f:
         os.fsync(f.fileno())
     return h.hexdigest()
@@ -359,25 +364,18 @@ def _restore_shard(folded_path: Path, dst: Path, info: dict, entries: list[dict]
         fin.seek(folded.data_start)
         while chunk := fin.read(_CHUNK):
             fout.write(chunk)
-    data_start = 8 + len(hbytes)
-    with open(dst, "r+b") as f:
-        mm = mmap.mmap(f.fileno(), 0)
-        try:
-            for ent in entries:
-                info_t = original[ent["tensor"]]
-                shape = tuple(info_t["shape"])
-                idx = np.asarray(sf.get(f"{ent['key']}.indices"), np.int64)
-                raw = np.asarray(sf.get(f"{ent['key']}.orig"))  # (n, d * itemsize) uint8
-                _scatter(mm, data_start, shape, info_t["data_offsets"][0], ITEMSIZE[info_t["dtype"]], ent["axis"], idx, raw)
-            mm.flush()
-        finally:
-            mm.close()
-    h = hashlib.sha256()
-    with open(dst, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    if h.hexdigest() != info["sha256"]:
-        raise FormatError(f"{folded_path}: restored bytes do not match the original (sha256 {h.hexdigest()[:16]} != "
+
+    def originals() -> Iterator[tuple[Entry, str, np.ndarray, np.ndarray]]:
+        for ent in entries:
+            o = original[ent["tensor"]]
+            yield (Entry(o["dtype"], tuple(o["shape"]), *o["data_offsets"]), ent["axis"],
+                   np.asarray(sf.get(f"{ent['key']}.indices"), np.int64),
+                   np.asarray(sf.get(f"{ent['key']}.orig")))  # (n, d * itemsize) uint8
+
+    _scatter_file(dst, 8 + len(hbytes), originals())
+    restored = sha256_file(dst)
+    if restored != info["sha256"]:
+        raise FormatError(f"{folded_path}: restored bytes do not match the original (sha256 {restored[:16]} != "
                           f"{info['sha256'][:16]}); the folded file was changed after folding")
 
 
