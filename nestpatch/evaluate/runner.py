@@ -460,6 +460,15 @@ def _variants(patch: Patch | None, compare: bool) -> list[str]:
     return [BASE, PATCHED] if compare else [PATCHED]
 
 
+def _load_suites(suites: Sequence[str | Suite], patch: Patch | None, opts: EvalOptions) -> list[Suite]:
+    """The given :class:`Suite` objects, then the suites loaded from the given names / prompt files."""
+    loaded = [s for s in suites if isinstance(s, Suite)]
+    names = [s for s in suites if not isinstance(s, Suite)]
+    if names:
+        loaded += load_suites(names, patch=patch, column=opts.column, file_kind=opts.file_kind)
+    return loaded
+
+
 def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike | None = None,
                suites: Sequence[str | Suite] = ("harmbench",), *, backend: str = "torch", out_dir: str | os.PathLike,
                limit: int | None = None, compare: bool = False, options: EvalOptions | None = None, **kwargs: Any) -> dict:
@@ -492,19 +501,13 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
         patch_path = Path(patch)
         if not patch_path.is_file():
             raise InputError(f"{patch_path}: no such patch file")
-        if opts.require_signature is not None:  # on the file's exact bytes, before using it
-            from nestpatch.runtime.attach import verify_signature
-
-            verify_signature(patch_path, opts.require_signature)
-        patch = read_patch(patch_path)
-    elif patch is not None and opts.require_signature is not None:
+    if patch is not None and opts.require_signature is not None:  # a file: on its exact bytes, before using it
         from nestpatch.runtime.attach import verify_signature
 
-        verify_signature(patch, opts.require_signature)
-    loaded_suites = [s for s in suites if isinstance(s, Suite)]
-    names = [s for s in suites if not isinstance(s, Suite)]
-    if names:
-        loaded_suites += load_suites(list(names), patch=patch, column=opts.column, file_kind=opts.file_kind)
+        verify_signature(patch_path or patch, opts.require_signature)
+    if patch_path is not None:
+        patch = read_patch(patch_path)
+    loaded_suites = _load_suites(suites, patch, opts)
     if not loaded_suites:
         raise InputError("no suites given (--suite NAME[,NAME])")
     variants = _variants(patch, opts.compare)
@@ -577,10 +580,7 @@ def evaluate_torch_model(model: Any, suites: Sequence[str | Suite], *, out_dir: 
         model = model.model
     if tokenizer is None:
         raise InputError("evaluate_torch_model needs the tokenizer")
-    loaded_suites = [s for s in suites if isinstance(s, Suite)]
-    names = [s for s in suites if not isinstance(s, Suite)]
-    if names:
-        loaded_suites += load_suites(list(names), patch=patch, column=opts.column, file_kind=opts.file_kind)
+    loaded_suites = _load_suites(suites, patch, opts)
     if variants is None:
         vnames = [BASE, PATCHED] if patch is not None else [BASE]
         if patch is not None:
