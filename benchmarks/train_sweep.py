@@ -32,6 +32,7 @@ def main() -> None:
 
     from nestpatch.format import write_patch
     from nestpatch.train.config import TrainConfig
+    from nestpatch.train.recipes import apply_recipe
     from nestpatch.tune.session import TrainSession
 
     out = Path(args.out)
@@ -49,6 +50,7 @@ def main() -> None:
 
     for name, overrides in variants:
         cfg = base_cfg.merged({**overrides, "out": str(out / f"{name}.nestpatch")})
+        cfg, _ = apply_recipe(cfg, set(overrides) | {"model", "out", "seed", "threads"})  # the named model's recipe, as `train`
         run = session.train(cfg, log_path=out / f"{name}.train.jsonl")
         write_patch(run.patch, out / f"{name}.nestpatch")
         print(json.dumps({"variant": name, "overrides": overrides, "neurons": run.neurons,

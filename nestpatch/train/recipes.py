@@ -37,13 +37,13 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
         settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128,
                   "activation_checkpointing": True},
         why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: half the "
-            "default's prompts and sequences; sized from CPU seconds per stage measured on this machine (docs/RESULTS.md), "
-            "not yet from a full timed run (estimated 35-40 min).",
+            "default's prompts and sequences, activation checkpointing on; measured end to end on this 2-core CPU: 12 min 55 s, "
+            "peak RSS 5.1 GB (docs/RESULTS.md).",
         notes={
             "max_prompts": "the model's own refusals and benign answers are generated for every training prompt: half the prompts, "
                            "half the generation time (~2 epochs of 128 at 40 steps x 6)",
-            "detect_prompts": "96 + 96 prompts for the z-scores (detection is ~1.6 CPU-s per prompt)",
-            "steps": "40 steps x (6 harmful + 6 benign): half the default's sequences; a step is ~1 min of CPU on this model",
+            "detect_prompts": "96 + 96 prompts for the z-scores (31 s on 2 cores)",
+            "steps": "40 steps x (6 harmful + 6 benign): half the default's sequences; a step is 7-11 s on 2 cores (with checkpointing: the larger)",
             "batch_size": "see steps",
             "max_length": "Qwen's template adds a 20-token system prompt; the built-in prompts are at most 65 tokens, so 128 "
                           "only bounds user-supplied prompts",

@@ -34,6 +34,7 @@ from ..atomic import write_bytes_atomic
 from ..errors import InputError, NestpatchError
 from ..format import write_patch
 from ..train.config import TrainConfig
+from ..train.recipes import apply_recipe
 from .options import SAMPLERS, TuneOptions  # noqa: F401  (re-exported: the study's API)
 from .session import TrainSession
 from .space import SearchSpace, load_space
@@ -224,6 +225,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     (out / "trials").mkdir(parents=True, exist_ok=True)
     base_cfg = dataclasses.replace(base_cfg or TrainConfig(), model=model, seed=opts.seed, resume=False,
                                    out=str(out / "trials" / "base.nestpatch"))
+    base_cfg, _ = apply_recipe(base_cfg)  # a named model's recipe is the starting point, as in `train` (fixed settings win)
     base_cfg.resolved()  # bad fixed settings fail now, not at trial 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
