@@ -74,6 +74,8 @@ def judge(args: argparse.Namespace) -> None:
         for it in order:
             if t_end and time.time() > t_end:
                 break
+            if it.get("kind") == "benign":  # agreement is measured on harmful and jailbreak pairs: no model call for these
+                continue
             if "harm" in names or "composite" in names:
                 if it["id"] not in harm_cache:
                     if harm is None:
