@@ -31,6 +31,15 @@ def _examples(n: int, kind: str, rng: np.random.Generator) -> list[Example]:
     return out
 
 
+def _losses_and_grads(tr: Trainer, deltas: SharedDeltas) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """One micro-batch of 4 harmful + 4 benign rows: its losses and the deltas' gradients."""
+    for p in deltas.parameters():
+        p.grad = None
+    losses = tr.micro_step([0, 1, 2, 3], [0, 1, 2, 3])
+    losses["total"].backward()
+    return {k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in deltas.parameters()]
+
+
 @pytest.mark.parametrize("retain", ["ce", "kl"])
 def test_sparse_head_gives_the_same_losses_and_gradients(model: Any, retain: str) -> None:
     assert sparse_head_ok(model)
@@ -48,11 +57,7 @@ def test_sparse_head_gives_the_same_losses_and_gradients(model: Any, retain: str
         results = []
         for sparse in (False, True):
             tr.sparse_head = sparse
-            for p in deltas.parameters():
-                p.grad = None
-            losses = tr.micro_step([0, 1, 2, 3], [0, 1, 2, 3])
-            losses["total"].backward()
-            results.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in deltas.parameters()]))
+            results.append(_losses_and_grads(tr, deltas))
         (l0, g0), (l1, g1) = results
         assert l0.keys() == l1.keys() and {"refusal", "retain", "benign_refusal"} <= set(l0)
         for k in l0:
@@ -81,14 +86,10 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_and_unwrap
         tr = Trainer(model, deltas, h, b, TrainConfig(model="pico", out="x.nestpatch", batch_size=4, seed=0), pad_id=2)
         results = []
         for ckpt in (False, True):
-            for p in deltas.parameters():
-                p.grad = None
             with checkpointed_layers(model, ckpt) as n:
                 assert n == (len(layers) if ckpt else 0)
                 assert all(("forward" in vars(layer)) == ckpt for layer in layers)
-                losses = tr.micro_step([0, 1, 2, 3], [0, 1, 2, 3])
-                losses["total"].backward()
-            results.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in deltas.parameters()]))
+                results.append(_losses_and_grads(tr, deltas))
         (l0, g0), (l1, g1) = results
         for k in l0:
             assert l1[k] == pytest.approx(l0[k], rel=1e-5, abs=1e-6), k

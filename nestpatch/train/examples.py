@@ -125,7 +125,7 @@ class LlamaAnswers:
         from nestpatch.runtime.llama_batch import BatchDecoder
         from nestpatch.runtime.llama_session import LlamaSession
 
-        self.session = LlamaSession(gguf, n_threads=threads or None, verify_base=False)
+        self.session = LlamaSession(gguf, n_threads=threads or None)
         self.decoder = BatchDecoder(self.session, n_seq)
 
     def __call__(self, prompts: Sequence[list[int]], *, max_new_tokens: int, progress: Callable[[int], None] | None = None,
