@@ -35,7 +35,7 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
     Recipe(
         model="qwen2.5-coder-0.5b",
         settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128,
-                  "activation_checkpointing": True},
+                  "activation_checkpointing": True, "lr": 1e-3},
         why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: half the "
             "default's prompts and sequences, activation checkpointing on; measured end to end on this 2-core CPU: 12 min 55 s, "
             "peak RSS 5.1 GB (docs/RESULTS.md).",
@@ -49,6 +49,8 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
                           "only bounds user-supplied prompts",
             "activation_checkpointing": "without it the kept activations of 12 sequences took training to 8.65 GB peak RSS "
                                         "(issue target 8 GB); same losses and gradients",
+            "lr": "chosen on the validation sets (benchmarks/tune_eval.py, seed 0): at the default 2e-2 ASR 14.1%, benign "
+                  "refusal 28.6%, KL 0.594; at 1e-3 ASR 4.7%, benign refusal 16.3%, KL 0.078 (base: 48.4%, 12.2%)",
         },
     ),
     Recipe(
