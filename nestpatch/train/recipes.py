@@ -50,7 +50,8 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
             "activation_checkpointing": "without it the kept activations of 12 sequences took training to 8.65 GB peak RSS "
                                         "(issue target 8 GB); same losses and gradients",
             "lr": "chosen on the validation sets (benchmarks/tune_eval.py, seed 0): at the default 2e-2 ASR 14.1%, benign "
-                  "refusal 28.6%, KL 0.594; at 1e-3 ASR 4.7%, benign refusal 16.3%, KL 0.078 (base: 48.4%, 12.2%)",
+                  "refusal 28.6%, KL 0.594; at 1e-3 ASR 4.7%, benign refusal 16.3%, KL 0.078 (base: 48.4%, 12.2%); on the test sets "
+                  "it lowered HarmBench ASR (10.1% -> 6.9%) but raised benign refusal (9.3% -> 22.0%): docs/RESULTS.md",
         },
     ),
     Recipe(
