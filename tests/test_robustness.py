@@ -164,3 +164,27 @@ def test_attack_registry_lists_known_names_and_accepts_new_ones():
         assert runner.get_attack("noop")(None) == ({}, 0)
     finally:
         del runner._ATTACKS["noop"]
+
+
+def test_full_fine_tuning_weights_as_bench_writes_them_are_attackable(pico_model, tmp_path):
+    """``bench``'s full FT artifact is a directory with weights.safetensors (no config.json): it must load."""
+    from nestpatch.baselines.full import WEIGHTS_FILE, save_weights
+    from nestpatch.errors import InputError
+    from nestpatch.models.loading import LoadedModel
+    from nestpatch.robustness.updates import classify, materialize
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    changed = {name: pico_model.get_parameter(name).detach() + 0.5}
+    d = tmp_path / "full" / "artifact"
+    d.mkdir(parents=True)
+    save_weights(changed, d / WEIGHTS_FILE, {"method": "full"})
+    for path in (d, d / WEIGHTS_FILE):
+        upd = classify("full", path)
+        assert upd.kind == "full-weights"
+        m = materialize(LoadedModel(model=pico_model, tokenizer=None, source=tmp_path, description={}), upd)
+        got, base = m.get_parameter(name).detach(), pico_model.get_parameter(name).detach()
+        assert torch.allclose(got, changed[name].half().float(), atol=1e-3) and not torch.allclose(got, base)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="full fine-tuning weights"):
+        classify("x", empty)

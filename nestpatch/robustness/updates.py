@@ -6,8 +6,10 @@ Accepted forms (dispatch on what the path is, in this one place):
 
 * ``.nestpatch`` file: attached to the copy and left attached (= folded in memory);
 * PEFT adapter directory (``adapter_config.json``, the LoRA baseline): merged into the copy;
-* HF model directory (``config.json`` + safetensors, the full fine-tuning baseline): loaded
-  as is (its shapes must match the base).
+* full fine-tuning weights (``bench``'s ``full/artifact``: a directory holding
+  ``weights.safetensors``, or that file itself): copied into the copy by name;
+* HF model directory (``config.json`` + safetensors, e.g. a model folded by ``nestpatch apply``):
+  loaded as is (its shapes must match the base).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class SafetyUpdate:
     """One model to attack: a name, its kind and where it came from."""
 
     name: str
-    kind: str  # "base", "nestpatch", "peft-lora" or "hf-dir"
+    kind: str  # "base", "nestpatch", "peft-lora", "full-weights" or "hf-dir"
     path: str | None = None
     patch: Patch | None = None
 
@@ -44,18 +46,24 @@ class SafetyUpdate:
 
 def classify(name: str, path: str | os.PathLike) -> SafetyUpdate:
     """What ``path`` holds, or an :class:`InputError` naming it."""
+    from ..baselines.full import WEIGHTS_FILE
     from ..format import read_patch
 
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
+    if p.is_file() and p.name == WEIGHTS_FILE:
+        return SafetyUpdate(name, "full-weights", str(p))
     if p.is_file():
         return SafetyUpdate(name, "nestpatch", str(p), read_patch(p))
     if (p / "adapter_config.json").exists():
         return SafetyUpdate(name, "peft-lora", str(p))
+    if (p / WEIGHTS_FILE).is_file() and not (p / "config.json").exists():
+        return SafetyUpdate(name, "full-weights", str(p / WEIGHTS_FILE))
     if (p / "config.json").exists() and any(p.glob("*.safetensors")):
         return SafetyUpdate(name, "hf-dir", str(p))
-    raise InputError(f"{p}: expected a .nestpatch file, a PEFT adapter directory or an HF model directory")
+    raise InputError(f"{p}: expected a .nestpatch file, a PEFT adapter directory, full fine-tuning weights "
+                     f"({WEIGHTS_FILE}) or an HF model directory")
 
 
 def materialize(base: LoadedModel, update: SafetyUpdate) -> Any:
@@ -72,6 +80,12 @@ def materialize(base: LoadedModel, update: SafetyUpdate) -> Any:
         from ..baselines.lora import merge_adapter
 
         return merge_adapter(base, update.path)
+    if update.kind == "full-weights":
+        from ..baselines.full import load_weights
+
+        m = copy.deepcopy(base.model)
+        load_weights(m, Path(update.path))
+        return m
     if update.kind == "hf-dir":
         from ..models.loading import load_model
 
