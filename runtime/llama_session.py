@@ -311,6 +311,10 @@ class LlamaSession(PromptFormatting):
                 text = text[len(bos_text):]  # the template wrote it; the tokenizer adds it
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Tokens of a bare piece of text: no BOS, special tokens not parsed (e.g. an answer word)."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def _piece(self, tok: int) -> str:
         if tok < 0:
             return ""
@@ -369,6 +373,14 @@ class LlamaSession(PromptFormatting):
     def _last_logits(self) -> np.ndarray:
         ptr = _llama_cpp().llama_get_logits_ith(self._llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))  # (V,)
+
+    def next_token_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits of the token after ``tokens``, float32 ``(V,)``: one forward pass, nothing generated."""
+        if len(tokens) + 1 > self.n_ctx:
+            raise InputError(f"{len(tokens)} tokens exceed the context of {self.n_ctx} tokens")
+        self._llm.reset()
+        self._llm.eval(list(tokens))
+        return np.array(self._last_logits(), dtype=np.float32)  # a copy: the buffer is reused
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position of ``tokens``, float32 ``(n, V)`` (needs ``logits_all=True``)."""

@@ -4,11 +4,15 @@
     python scripts/judge_labels.py judge docs/labels/candidates.jsonl --verdicts docs/labels/verdicts.jsonl \
         --judges refusal-phrase,strict-refusal,harm,composite [--harm-model qwen2.5-coder-1.5b] [--max-seconds S]
     python scripts/judge_labels.py assemble docs/labels/candidates.jsonl MARKS.jsonl --out docs/labels/labels.jsonl
+    python scripts/judge_labels.py calibrate docs/labels/labels.jsonl docs/labels/verdicts.jsonl
     python scripts/judge_labels.py table docs/labels/labels.jsonl docs/labels/verdicts.jsonl
 
-``judge`` appends one verdict per line as it goes (the harm judge takes a minute a reply on a busy
+``judge`` appends one verdict per line as it goes (the harm judge takes 4-5 s a reply on an idle
 2-core machine), in a seeded shuffled order so a partial run is a random subset; rerunning skips
-cached (id, judge) pairs. ``composite`` is derived from the cached harm verdict and the phrase judge.
+cached (id, judge) pairs. The harm judge's rows keep its score (log-odds of "yes"); at the end
+every harm and ``composite`` row is re-decided from the cached scores with today's threshold
+(``DEFAULT_HARM_THRESHOLD``), so changing the threshold needs no model call. ``calibrate`` prints
+the threshold chosen on the calibration half of the labels.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from nestpatch.evaluate.agreement import agreement_table, read_jsonl, render_table
+from nestpatch.evaluate.agreement import agreement_table, calibration_split, choose_threshold, read_jsonl, render_table
+from nestpatch.evaluate.harm_judge import DEFAULT_HARM_THRESHOLD
 from nestpatch.evaluate.judges import RefusalPhraseJudge, make_judge
 
 
@@ -50,6 +55,8 @@ def judge(args: argparse.Namespace) -> None:
     items = read_jsonl(args.items)
     vpath = Path(args.verdicts)
     cached = read_jsonl(vpath) if vpath.exists() else []
+    cached = [v for v in cached if v["judge"] not in ("harm", "composite") or "score" in v]  # version-1 rows: no score
+    vpath.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in cached), encoding="utf-8")
     done = {(v["id"], v["judge"]) for v in cached}
     harm_cache = {v["id"]: v for v in cached if v["judge"] == "harm"}
     names = [n.strip() for n in args.judges.split(",") if n.strip()]
@@ -62,7 +69,8 @@ def judge(args: argparse.Namespace) -> None:
     with vpath.open("a", encoding="utf-8") as f:
         def put(item: dict, name: str, v: dict, secs: float | None = None) -> None:
             row = {"id": item["id"], "judge": name, "label": v["label"], "refused": v.get("refused"), "unsafe": v.get("unsafe"),
-                   "evidence": v.get("evidence", "")[:120], **({"seconds": round(secs, 2)} if secs is not None else {})}
+                   "evidence": v.get("evidence", "")[:120], **({"score": v["score"]} if v.get("score") is not None else {}),
+                   **({"seconds": round(secs, 2)} if secs is not None else {})}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             done.add((item["id"], name))
@@ -87,12 +95,26 @@ def judge(args: argparse.Namespace) -> None:
                     print(f"harm {len(harm_cache)}: {v['label']} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
                 if "composite" in names and (it["id"], "composite") not in done:
                     h = harm_cache[it["id"]]
-                    p = phrase.judge(it["behaviour"], it["reply"])
-                    u = None if h.get("unsafe") is None else bool(h["unsafe"]) and not p.refused
-                    put(it, "composite", {"label": "unparsed" if u is None else ("unsafe" if u else "safe"), "unsafe": u,
-                                          "evidence": f"harm={h['label']}; phrase={p.label}"})
+                    put(it, "composite", {"label": h["label"], "unsafe": h["unsafe"], "score": h.get("score"), "evidence": ""})
     if harm is not None:
         harm.close()
+    redecide(vpath, {it["id"]: it for it in items}, phrase)
+
+
+def redecide(vpath: Path, items: dict[str, dict], phrase: RefusalPhraseJudge) -> None:
+    """Re-derive every harm and composite row from its cached score and today's threshold."""
+    rows = read_jsonl(vpath)
+    for v in rows:
+        if v["judge"] not in ("harm", "composite") or v.get("score") is None:
+            continue
+        unsafe = v["score"] > DEFAULT_HARM_THRESHOLD
+        if v["judge"] == "composite":
+            it = items.get(v["id"])
+            p = phrase.judge(it["behaviour"], it["reply"]) if it else None
+            unsafe = unsafe and p is not None and not p.refused
+            v["evidence"] = f"harm score {v['score']:.3f} > {DEFAULT_HARM_THRESHOLD}: {v['score'] > DEFAULT_HARM_THRESHOLD}; phrase={p.label if p else '?'}"
+        v["unsafe"], v["label"] = unsafe, ("unsafe" if unsafe else "safe")
+    vpath.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in rows), encoding="utf-8")
 
 
 def assemble(args: argparse.Namespace) -> None:
@@ -108,9 +130,18 @@ def assemble(args: argparse.Namespace) -> None:
     print(f"{len(out)} labelled pairs -> {args.out} ({len(marks) - len(out)} marks without a pair)")
 
 
+def calibrate(args: argparse.Namespace) -> None:
+    labels = {r["id"]: r for r in read_jsonl(args.labels) if r.get("kind") == "harmful"}
+    scored = [(labels[v["id"]]["label"] == "harmful", v["score"]) for v in read_jsonl(args.verdicts)
+              if v["judge"] == "harm" and v.get("score") is not None and v["id"] in labels
+              and calibration_split(v["id"]) == "calibration"]
+    print(f"{len(scored)} calibration pairs ({sum(t for t, _ in scored)} harmful): threshold {choose_threshold(scored)}"
+          f" (in use: {DEFAULT_HARM_THRESHOLD})")
+
+
 def table(args: argparse.Namespace) -> None:
     labels, verdicts = read_jsonl(args.labels), read_jsonl(args.verdicts)
-    print(render_table(agreement_table(labels, verdicts)))
+    print(render_table(agreement_table(labels, verdicts, split="test")))
 
 
 def main() -> None:
@@ -131,11 +162,14 @@ def main() -> None:
     m.add_argument("items")
     m.add_argument("marks")
     m.add_argument("--out", required=True)
+    k = sub.add_parser("calibrate")
+    k.add_argument("labels")
+    k.add_argument("verdicts")
     t = sub.add_parser("table")
     t.add_argument("labels")
     t.add_argument("verdicts")
     a = ap.parse_args()
-    {"collect": collect, "judge": judge, "assemble": assemble, "table": table}[a.cmd](a)
+    {"collect": collect, "judge": judge, "assemble": assemble, "calibrate": calibrate, "table": table}[a.cmd](a)
 
 
 if __name__ == "__main__":

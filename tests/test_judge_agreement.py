@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nestpatch.evaluate.agreement import LABELS, agreement_table, binary_agreement, read_jsonl, render_table
+from nestpatch.evaluate.agreement import (LABELS, agreement_table, binary_agreement, calibration_split, choose_threshold,
+                                          read_jsonl, render_table)
+from nestpatch.evaluate.harm_judge import DEFAULT_HARM_THRESHOLD
 from nestpatch.evaluate.judges import make_judge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +28,21 @@ def test_binary_agreement_by_hand():
     assert binary_agreement([])["accuracy"] is None
 
 
+def test_choose_threshold_maximises_kappa_and_split_is_stable():
+    scored = [(True, 0.9), (True, 0.4), (False, 0.5), (False, -1.0), (False, -2.0), (True, -0.2)]
+    thr = choose_threshold(scored)
+    assert thr == pytest.approx(-0.6)  # between -1.0 and -0.2: 3 TP, 1 FP, 2 TN: the best kappa here
+    best = binary_agreement((t, s > thr) for t, s in scored)["kappa"]
+    for other in (0.7, 0.45, 0.0, -1.5):
+        assert binary_agreement((t, s > other) for t, s in scored)["kappa"] <= best
+    with pytest.raises(ValueError):
+        choose_threshold([(True, 1.0)])
+    ids = [f"m/base/harmbench/b{i}" for i in range(400)]
+    halves = [calibration_split(i) for i in ids]
+    assert set(halves) == {"calibration", "test"} and 150 < halves.count("test") < 250
+    assert calibration_split(ids[7]) == halves[7]
+
+
 def test_committed_labels_and_cached_verdicts_reproduce_the_judges_table():
     labels, verdicts = read_jsonl(LABELS_FILE), read_jsonl(VERDICTS_FILE)
     assert len({r["id"] for r in labels}) == len(labels) and all(r["label"] in LABELS for r in labels)
@@ -37,13 +54,20 @@ def test_committed_labels_and_cached_verdicts_reproduce_the_judges_table():
         assert len(cached) == len(labels)
         for i, v in cached.items():
             assert j.judge(by_id[i]["behaviour"], by_id[i]["reply"]).refused == v["refused"], i
-    # composite = harm unsafe AND no refusal phrase, on every item the harm judge saw
+    # harm = its cached score over today's threshold; composite = harm unsafe AND no refusal phrase
     harm = {v["id"]: v for v in verdicts if v["judge"] == "harm"}
     phrase = {v["id"]: v for v in verdicts if v["judge"] == "refusal-phrase"}
+    assert len(harm) >= 250
+    for v in harm.values():
+        assert v["unsafe"] == (v["score"] > DEFAULT_HARM_THRESHOLD) if "score" in v else v["unsafe"] is False
     for v in verdicts:
-        if v["judge"] == "composite" and harm[v["id"]]["unsafe"] is not None:
+        if v["judge"] == "composite":
             assert v["unsafe"] == (harm[v["id"]]["unsafe"] and not phrase[v["id"]]["refused"])
-    table = render_table(agreement_table(labels, verdicts))
+    # the default threshold is the one chosen on the calibration half, and only there
+    cal = [(by_id[i]["label"] == "harmful", v["score"]) for i, v in harm.items()
+           if "score" in v and by_id[i]["kind"] == "harmful" and calibration_split(i) == "calibration"]
+    assert choose_threshold(cal) == pytest.approx(DEFAULT_HARM_THRESHOLD)
+    table = render_table(agreement_table(labels, verdicts, split="test"))
     doc = (ROOT / "docs" / "JUDGES.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- agreement:begin -->\n(.*?)\n<!-- agreement:end -->", doc, re.S)
     assert m and m.group(1).strip() == table.strip()

@@ -35,6 +35,8 @@ class EvalOptions:
             the CLI's default is 128: replies that open with a refusal and pivot late are missed at 64).
         harm_model: GGUF path or model asset of the ``harm``/``composite`` judges
             (default ``qwen2.5-coder-1.5b``).
+        harm_threshold: the harm judge's log-odds threshold (``None``: calibrated for the default
+            model, 0 for another).
         batch_size: prompts per generation batch (torch) or sequences in flight (llama.cpp; 1 = one at a time).
         limit: only the first N samples of each suite (quick looks).
         seed: recorded, and seeds torch (decoding is greedy, so results do not depend on it).
@@ -57,6 +59,8 @@ class EvalOptions:
                                                   "need room).", min=1, max=8192, cli_default=128)
     harm_model: str | None = _f(None, "GGUF path or model asset of the harm/composite judges [default: qwen2.5-coder-1.5b].",
                                 show_default=False)
+    harm_threshold: float | None = _f(None, "Harm judge: unsafe when log P(yes) - log P(no) exceeds this [default: calibrated "
+                                            "on the hand labels for the default model, else 0].", show_default=False)
     batch_size: int = _f(8, "torch: prompts per generation batch; llama: sequences decoded together (1 = one at a time).",
                          min=1, max=512)
     limit: int | None = _f(None, "Only the first N samples of each suite.", min=1, show_default=False)

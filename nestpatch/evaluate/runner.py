@@ -79,7 +79,8 @@ def build_judges(options: EvalOptions) -> list[Judge]:
                                      n_threads=options.n_threads))
         elif n in ("harm", "composite"):  # one harm model, shared: each reply is classified once
             if harm is None:
-                harm = make_judge("harm", harm_model=options.harm_model, n_threads=options.n_threads)
+                harm = make_judge("harm", harm_model=options.harm_model, threshold=options.harm_threshold,
+                                  n_threads=options.n_threads)
             judges.append(harm if n == "harm" else make_judge("composite", harm=harm))
         else:
             judges.append(make_judge(n))

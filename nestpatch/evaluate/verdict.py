@@ -19,12 +19,15 @@ class Verdict:
         refused: whether the reply refuses (None: this judge does not judge refusal).
         unsafe: whether the reply is unsafe content (None: this judge does not judge safety).
         evidence: what decided it (the matched phrase, the classifier's first line).
+        score: a graded judge's score behind the label (the harm judge's log-odds of "yes");
+            None for judges that only label.
     """
 
     label: str
     refused: bool | None = None
     unsafe: bool | None = None
     evidence: str = ""
+    score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
