@@ -90,6 +90,7 @@ def test_jailbreak_run_summary_has_per_attack_asr_mean_and_flips(pico_gguf, pico
                    compare=True, limit=2, harmful_max_new_tokens=4, judges=("refusal-phrase", "strict-refusal"),
                    progress=False, n_ctx=1024, n_threads=1)
     assert s["decoding"]["harmful_max_new_tokens"] == 4
+    assert "max 4 new tokens on harmful and jailbreak suites, 64 on the others" in render_markdown(s)
     recs = [json.loads(x) for x in (tmp_path / "run" / "samples" / "jailbreak-prefill.base.jsonl").read_text().splitlines()]
     assert all(r["prefill"] == jb.PREFILL_TEMPLATE and r["n_new_tokens"] <= 4 for r in recs)
     attacks = s["jailbreak"]["attacks"]

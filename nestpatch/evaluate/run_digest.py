@@ -84,7 +84,10 @@ def render_markdown(summary: dict) -> str:
         pol = patch.get("policy") or {}
         lines.append(f"- patch: `{patch.get('path') or '(in memory)'}` {pol.get('name', '')} {pol.get('version', '')} "
                      f"({patch.get('content_digest')}), {patch.get('mode', '')}".rstrip(", "))
-    lines.append(f"- backend: {backend.get('backend')}; decoding: {dec.get('strategy')}, max {dec.get('max_new_tokens')} new tokens"
+    harmful_cap = dec.get("harmful_max_new_tokens")
+    cap = (f"max {harmful_cap} new tokens on harmful and jailbreak suites, {dec.get('max_new_tokens')} on the others"
+           if harmful_cap and harmful_cap != dec.get("max_new_tokens") else f"max {dec.get('max_new_tokens')} new tokens")
+    lines.append(f"- backend: {backend.get('backend')}; decoding: {dec.get('strategy')}, {cap}"
                  f"; seed {summary.get('seed')}" + (f"; limit {summary['limit']}" if summary.get("limit") else ""))
     judges = summary.get("judges") or []
     lines.append("- judges: " + ", ".join(f"{j.get('name')}" + (f" v{j['version']}" if j.get("version") else "") for j in judges)
