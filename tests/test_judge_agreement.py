@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nestpatch.evaluate.agreement import (LABELS, agreement_table, binary_agreement, calibration_split, choose_threshold,
-                                          read_jsonl, render_table)
+                                          read_jsonl, render_table, roc_auc)
 from nestpatch.evaluate.harm_judge import DEFAULT_HARM_THRESHOLD
 from nestpatch.evaluate.judges import make_judge
 
@@ -37,6 +37,8 @@ def test_choose_threshold_maximises_kappa_and_split_is_stable():
         assert binary_agreement((t, s > other) for t, s in scored)["kappa"] <= best
     with pytest.raises(ValueError):
         choose_threshold([(True, 1.0)])
+    # 3 positives x 3 negatives: 7 of 9 pairs ordered right (0.4 < 0.5 and -0.2 < 0.5 are the two wrong)
+    assert roc_auc(scored) == pytest.approx(7 / 9)
     ids = [f"m/base/harmbench/b{i}" for i in range(400)]
     halves = [calibration_split(i) for i in ids]
     assert set(halves) == {"calibration", "test"} and 150 < halves.count("test") < 250

@@ -89,6 +89,17 @@ def choose_threshold(scored: Iterable[tuple[bool, float]]) -> float:
     return best[1]
 
 
+def roc_auc(scored: Iterable[tuple[bool, float]]) -> float:
+    """Chance that a positive scores above a negative (ties count half): a threshold-free separation figure."""
+    items = list(scored)
+    pos = [s for t, s in items if t]
+    neg = [s for t, s in items if not t]
+    if not pos or not neg:
+        raise ValueError("ROC AUC needs positives and negatives")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
 def agreement_table(labels: list[dict], verdicts: list[dict], *, kinds: tuple[str, ...] = ("harmful",),
                     split: str | None = None) -> dict[str, dict]:
     """Per judge: agreement on the labelled items of ``kinds`` (and of ``split``, if given) that the judge
