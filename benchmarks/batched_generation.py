@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--kv-unified", action="store_true", help="one KV buffer for all sequences")
+    ap.add_argument("--flash-attn", action="store_true", help="batched path with llama.cpp's fused attention")
     ap.add_argument("--patch", type=Path, default=None)
     ap.add_argument("--patch-mode", choices=["fold", "lora"], default="fold")
     ap.add_argument("--json", type=Path, default=None)
@@ -74,7 +75,7 @@ def main() -> None:
     # Rounds alternate sequential and batched, so load from other processes hits both alike; best round kept.
     times: dict[object, list[float]] = {}
     gens: dict[object, list] = {}
-    decs = {k: BatchDecoder(sess, k, kv_unified=args.kv_unified) for k in n_seqs}
+    decs = {k: BatchDecoder(sess, k, kv_unified=args.kv_unified, flash_attn=args.flash_attn) for k in n_seqs}
     chunks = {k: (args.chunk if args.chunk is not None else 4 * k) or n for k in n_seqs}
     for _ in range(args.rounds):
         for key in ["sequential", *n_seqs]:
@@ -98,7 +99,8 @@ def main() -> None:
         row = {
             "model": str(sess.base_path), "patch": str(args.patch) if args.patch else None,
             "patch_mode": args.patch_mode if args.patch else None, "prompts": n, "max_new_tokens": args.max_new_tokens,
-            "threads": args.threads, "n_seq": k, "chunk": chunks[k], "kv_unified": args.kv_unified, "rounds": args.rounds,
+            "threads": args.threads, "n_seq": k, "chunk": chunks[k], "kv_unified": args.kv_unified,
+            "flash_attn": args.flash_attn, "rounds": args.rounds,
             "seconds_sequential": round(t_seq, 2), "seconds_batched": round(t, 2),
             "prompts_per_s_sequential": round(n / t_seq, 3), "prompts_per_s_batched": round(n / t, 3),
             "speedup": round(t_seq / t, 2),

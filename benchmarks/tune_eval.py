@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--kl-prompts", type=int, default=16, help="benign prompts the KL to base is measured on (0 = none)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-base", action="store_true")
+    ap.add_argument("--prefill", action="store_true", help="also HarmBench validation under the prefilling attack (prefill_asr)")
     ap.add_argument("--json", help="append one JSON line per model here")
     args = ap.parse_args()
     if args.threads:
@@ -39,7 +40,7 @@ def main() -> None:
     from nestpatch.tune.validation import Validator, validation_sets
 
     lm = load_model(args.model)
-    sets = validation_sets(args.limit)
+    sets = validation_sets(args.limit, prefill=args.prefill)
     print("sets:", {s.name: len(s.prompts) for s in sets})
     val = Validator(lm.model, lm.tokenizer, sets, tokens=args.tokens, batch_size=args.batch_size, kl_prompts=args.kl_prompts)
 

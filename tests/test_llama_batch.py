@@ -57,6 +57,23 @@ def test_batched_tokens_equal_sequential_with_refill(pico_gguf, qtype):
     assert all(len(g.tokens) == max_new and g.finish == "length" for g in seq)  # the random pico never stops early
 
 
+def test_shared_prompt_opening_is_decoded_once_with_the_same_tokens(pico_gguf):
+    """Prompts that open alike share that opening's KV cells (copied from a spare stream), tokens unchanged."""
+    with LlamaSession(pico_gguf("F32"), **KW) as s:
+        opening = s.tokenize(s.format_prompt("Answer briefly and truthfully. " * 4 + PROMPTS[0]))[:30]
+        prompts = [opening + s.tokenize_plain(" " + p) for p in PROMPTS]
+        seq = [s.generate_tokens(p, max_new_tokens=12) for p in prompts]
+        with BatchDecoder(s, 3) as d:  # 3 slots: refilled slots get the copy again
+            _same(seq, d.generate_tokens(prompts, max_new_tokens=12))
+            assert d.last_shared_prefix == 30
+            # a prompt no longer than the opening keeps one token of its own to feed
+            short = d.generate_tokens([opening, opening + [5]], max_new_tokens=4)
+            assert d.last_shared_prefix == 29
+            assert [g.tokens for g in short] == [s.generate_tokens(p, max_new_tokens=4).tokens for p in (opening, opening + [5])]
+            d.generate_tokens([prompts[0]], max_new_tokens=2)  # one prompt: nothing to share
+            assert d.last_shared_prefix == 0
+
+
 def test_max_new_tokens_and_prompt_tokens(pico_gguf):
     with LlamaSession(pico_gguf("F32"), **KW) as s, BatchDecoder(s, 4) as d:
         toks = [s.tokenize(s.format_prompt(p)) for p in PROMPTS]

@@ -56,7 +56,8 @@ def _tune(pico_dir: Path, tmp: Path, trials: int) -> Any:
     (tmp / "base.toml").write_text(BASE)
     return CliRunner().invoke(cli, ["tune", str(pico_dir), "-o", str(tmp / "out"), "--trials", str(trials), "--space",
                                     str(tmp / "space.toml"), "--config", str(tmp / "base.toml"), "--limit", "3", "--tokens", "4",
-                                    "--kl-prompts", "3", "--population", "2", "--seed", "1"], catch_exceptions=False)
+                                    "--kl-prompts", "3", "--population", "2", "--seed", "1", "--prefill-validation"],
+                           catch_exceptions=False)
 
 
 def _records(out: Path) -> list[dict]:
@@ -75,10 +76,11 @@ def test_tune_writes_a_front_a_config_that_trains_and_resumes(pico_dir: Path, tm
     for r in recs:
         m = r["metrics"]
         assert set(m) >= {"asr", "benign_refusal", "kl", "hb-val", "harmful-heldout", "benign-heldout", "edgy-heldout"}
+        assert m["prefill_asr"] == round(1 - m["hb-val-prefill"], 4)  # the prefilling attack on validation behaviours
         assert 0 <= m["asr"] <= 1 and 0 <= m["benign_refusal"] <= 1 and m["kl"] > 0  # a trained patch moves the model
         assert r["neurons"] > 0 and (out / "trials" / f"{r['trial']:04d}.nestpatch").exists()
     base = json.loads((out / "base.json").read_text())
-    assert base["kl"] == 0.0 and set(base) >= {"asr", "benign_refusal"}
+    assert base["kl"] == 0.0 and set(base) >= {"asr", "benign_refusal", "prefill_asr"}
     table = (out / "pareto.md").read_text()
     assert "(chosen)" in table and "| base |" in table
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

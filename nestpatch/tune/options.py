@@ -31,6 +31,8 @@ class TuneOptions:
     kl_prompts: int = _f(16, "Benign validation prompts the KL is measured on.")
     kl_tokens: int = _f(16, "Reply tokens the KL is measured over.")
     batch_size: int = _f(16, "Validation generation batch size.")
+    prefill_validation: bool = _f(False, "Also measure HarmBench validation under the prefilling attack (prefill_asr in "
+                                         "every trial's metrics; not an objective).")
     enqueue_defaults: bool = _f(True, "Trial 0 = the base config (today's defaults) where it lies in the space.",
                                 flag="--no-defaults-first", negate=True,
                                 flag_help="Do not run the base config (today's defaults) as trial 0.")

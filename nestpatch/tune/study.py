@@ -189,7 +189,7 @@ def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cf
     front = [records[t.number] for t in study.best_trials if t.number in records and "metrics" in records[t.number]] \
         if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else []
     chosen = choose(front)
-    sets = [k for k in (base or {}) if k not in OBJECTIVES and k != "seconds"]
+    sets = [k for k in (base or {}) if k not in OBJECTIVES and k not in ("seconds", "prefill_asr")]  # refusal rate per set
     params = sorted(space.searched)
     write_bytes_atomic(out / "pareto.md", (
         f"# nestpatch tune: Pareto front ({len(front)} of {len(records)} trials)\n\n"
@@ -233,7 +233,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     n_layers = int(session.lm.model.config.num_hidden_layers)
     space = SearchSpace(load_space(opts.space), n_layers)
     base_cfg = base_cfg.merged(space.fixed)
-    sets = validation_sets(opts.limit, opts.seed)
+    sets = validation_sets(opts.limit, opts.seed, prefill=opts.prefill_validation)
     validator = Validator(session.lm.model, session.lm.tokenizer, sets, tokens=opts.tokens, batch_size=opts.batch_size,
                           kl_prompts=opts.kl_prompts, kl_tokens=opts.kl_tokens)
     base_path = out / "base.json"

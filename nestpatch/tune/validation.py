@@ -10,6 +10,12 @@ Measures on the torch model with the patch attached (greedy, refusal-phrase judg
 rate of every set, ASR (share of harmful validation prompts not refused, pooled), benign refusal
 (share of benign and edgy prompts refused, pooled) and the KL to the base model on benign
 prompts (see :mod:`nestpatch.evaluate.utility`; the base answers are generated once).
+
+Optionally (``prefill=True``) the HarmBench validation behaviours again under the prefilling
+attack (``hb-val-prefill``: the assistant turn starts with the jailbreak suite's compliant
+opening, :data:`nestpatch.evaluate.jailbreaks.PREFILL_TEMPLATE`), reported as ``prefill_asr`` and
+kept out of the pooled ``asr``: it is how a setting against shallow refusal (recovery examples) is
+chosen without the prefilling *evaluation* suite, which uses HarmBench test behaviours.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class ValidationSet:
     name: str
     kind: str
     prompts: list[str]
+    prefill: str | None = None  # an assistant opening every reply continues (the prefilling attack)
 
 
 def _sample(prompts: list[str], limit: int, seed: int) -> list[str]:
@@ -49,11 +56,13 @@ def _sample(prompts: list[str], limit: int, seed: int) -> list[str]:
     return [prompts[i] for i in keep]
 
 
-def validation_sets(limit: int = 0, seed: int = 0) -> list[ValidationSet]:
-    """The tuning sets (at most ``limit`` prompts each, a seeded sample; 0 = all).
+def validation_sets(limit: int = 0, seed: int = 0, *, prefill: bool = False) -> list[ValidationSet]:
+    """The tuning sets (at most ``limit`` prompts each, a seeded sample; 0 = all); ``prefill`` adds ``hb-val-prefill``.
 
     ``hb-val`` needs the ``harmbench-val`` asset (``nestpatch fetch harmbench-val``).
     """
+    from ..evaluate.jailbreaks import PREFILL_TEMPLATE
+
     hb = load_prompts("harmbench-val-standard", allow_eval=True).prompts
     harmful = load_prompts("builtin-harmful-heldout").prompts
     b = load_prompts("builtin-benign-heldout")
@@ -61,6 +70,8 @@ def validation_sets(limit: int = 0, seed: int = 0) -> list[ValidationSet]:
     plain = [p for p, m in zip(b.prompts, b.meta) if (m or {}).get("category") != "edgy"]
     sets = [ValidationSet("hb-val", HARMFUL, hb), ValidationSet("harmful-heldout", HARMFUL, harmful),
             ValidationSet("benign-heldout", BENIGN, plain), ValidationSet("edgy-heldout", BENIGN, edgy)]
+    if prefill:
+        sets.append(ValidationSet("hb-val-prefill", HARMFUL, hb, prefill=PREFILL_TEMPLATE))
     for s in sets:
         s.prompts = _sample(s.prompts, limit, seed)
     return sets
@@ -99,11 +110,12 @@ class Validator:
             return contextlib.nullcontext()
         return attach(self.model, self._patch, verify_base=False)
 
-    def _refusals(self, prompts: list[str]) -> int:
+    def _refusals(self, prompts: list[str], prefill: str | None = None) -> int:
         refused = 0
         for b in range(0, len(prompts), self.batch_size):
             chunk = prompts[b:b + self.batch_size]
-            gens = self.backend.generate("patched", chunk, max_new_tokens=self.tokens)
+            kw = {"prefills": [prefill] * len(chunk)} if prefill else {}
+            gens = self.backend.generate("patched", chunk, max_new_tokens=self.tokens, **kw)
             refused += sum(bool(self.judge.judge(p, g.text).refused) for p, g in zip(chunk, gens))
         return refused
 
@@ -129,15 +141,18 @@ class Validator:
         return float(np.mean(kls))
 
     def measure(self, patch: Patch | None) -> dict:
-        """Refusal rate per set, ``asr``, ``benign_refusal``, ``kl`` (0 for the base) and ``seconds``."""
+        """Refusal rate per set, ``asr``, ``benign_refusal``, ``kl`` (0 for the base), ``prefill_asr`` (with that set) and ``seconds``."""
         t0 = time.time()
         self._patch = patch
         try:
             row: dict[str, Any] = {}
             counts = {HARMFUL: [0, 0], BENIGN: [0, 0]}
             for s in self.sets:
-                n = self._refusals(s.prompts)
+                n = self._refusals(s.prompts, s.prefill)
                 row[s.name] = round(n / max(1, len(s.prompts)), 4)
+                if s.prefill:  # an attack on the same behaviours: its own figure, not pooled
+                    row["prefill_asr"] = round(1.0 - row[s.name], 4)
+                    continue
                 counts[s.kind][0] += n
                 counts[s.kind][1] += len(s.prompts)
             row["asr"] = round(1.0 - counts[HARMFUL][0] / max(1, counts[HARMFUL][1]), 4)
