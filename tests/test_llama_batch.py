@@ -63,9 +63,11 @@ def test_shared_prompt_opening_is_decoded_once_with_the_same_tokens(pico_gguf):
         opening = s.tokenize(s.format_prompt("Answer briefly and truthfully. " * 4 + PROMPTS[0]))[:30]
         prompts = [opening + s.tokenize_plain(" " + p) for p in PROMPTS]
         seq = [s.generate_tokens(p, max_new_tokens=12) for p in prompts]
-        with BatchDecoder(s, 3) as d:  # 3 slots: refilled slots get the copy again
-            _same(seq, d.generate_tokens(prompts, max_new_tokens=12))
-            assert d.last_shared_prefix == 30
+        for unified in (True, False):  # one KV buffer (cells shared) or one stream per sequence (copied)
+            with BatchDecoder(s, 3, kv_unified=unified) as d:  # 3 slots: refilled slots get the opening again
+                _same(seq, d.generate_tokens(prompts, max_new_tokens=12))
+                assert d.last_shared_prefix == 30
+        with BatchDecoder(s, 3) as d:
             # a prompt no longer than the opening keeps one token of its own to feed
             short = d.generate_tokens([opening, opening + [5]], max_new_tokens=4)
             assert d.last_shared_prefix == 29
