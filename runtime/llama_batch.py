@@ -80,7 +80,7 @@ class BatchDecoder:
         kv_unified: one KV buffer shared by all sequences instead of one stream per sequence
             (llama.cpp's ``kv_unified``); per-sequence streams attend only to their own cells.
         flash_attn: llama.cpp's fused attention kernel. Off by default: it made batched decoding
-            of SmolLM2 about 13% faster but changed its arithmetic enough that only 34% of the
+            of SmolLM2 about 11% faster but changed its arithmetic enough that only 34% of the
             patched model's 64 benchmark replies stayed token-identical to the sequential path and 2
             refusal verdicts of 64 flipped (without it: 89% identical, no verdict flipped;
             ``benchmarks/batched_generation.py --flash-attn``).
@@ -207,9 +207,7 @@ class BatchDecoder:
 
             def add(tok: int, pos: int, s: int, logits: bool) -> None:
                 nonlocal n
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, pos, 1
-                batch.seq_id[n][0] = s
-                batch.logits[n] = logits
+                self._set_row(n, tok, pos, s, logits)
                 if logits:
                     reads.append((s, n))  # noqa: B023 (called within this iteration)
                 n += 1
@@ -252,6 +250,12 @@ class BatchDecoder:
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
+    def _set_row(self, n: int, tok: int, pos: int, seq: int, logits: bool) -> None:
+        """Row ``n`` of the llama.cpp batch: ``tok`` at ``pos`` of sequence ``seq``, its logits kept or not."""
+        b = self._batch
+        b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, logits
+        b.seq_id[n][0] = seq
+
     def _decode_shared_prefix(self, prompts: Sequence[Sequence[int]]) -> int:
         """Decode the prompts' common opening into the spare stream; return its length (0: not shared).
 
@@ -268,9 +272,7 @@ class BatchDecoder:
         for start in range(0, shared, self.n_batch):
             chunk = head[start:start + self.n_batch]
             for n, tok in enumerate(chunk):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, start + n, 1
-                batch.seq_id[n][0] = self.n_seq
-                batch.logits[n] = False
+                self._set_row(n, tok, start + n, self.n_seq, False)
             batch.n_tokens = len(chunk)
             rc = lc.llama_decode(self._ctx.ctx, batch)
             if rc != 0:
