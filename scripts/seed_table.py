@@ -5,6 +5,8 @@ hold some suites, e.g. benign/over-refusal/utility with ``--compare`` in one and
 in another); the patched variant's figures are read. ``base=DIRS`` adds a base row from the
 same kind of runs (their ``base`` variant). Rates print as percentages, KL as a number; "worst"
 is the highest value over seeds (every measure here is better lower), spread is max - min.
+HarmBench figures are read only from runs without ``--limit`` (the table reports the whole test
+split; a jailbreak run with ``--limit 5`` may also hold a 5-prompt HarmBench suite).
 
     python scripts/seed_table.py base=runs/s8/eval-base-hb,runs/s8/eval-s0-benign \\
         s0=runs/s8/eval-s0-benign,runs/s8/eval-s0-hb,runs/s8/eval-s0-jb s1=... s2=...
@@ -29,7 +31,7 @@ def figures(dirs: list[str], variant: str) -> dict[str, float]:
         if not path.is_file():
             sys.exit(f"{path}: not found (an unfinished or mistyped run directory)")
         s = json.loads(path.read_text(encoding="utf-8"))
-        hb = s.get("suites", {}).get("harmbench", {}).get(variant)
+        hb = None if s.get("limit") else s.get("suites", {}).get("harmbench", {}).get(variant)
         for j in JUDGES:
             if hb and j in hb.get("asr_by_judge", {}):
                 out.setdefault(f"HB ASR {j}", hb["asr_by_judge"][j])
