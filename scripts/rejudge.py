@@ -4,8 +4,9 @@ Why: a run made before a judge existed (or without it, to save time) already hol
 ``RUN/samples/SUITE.VARIANT.jsonl``; judging those replies gives the figure the run would have
 reported with that judge, at the judge's cost only (the composite judge calls its model only on
 replies without a refusal phrase). Harmful and jailbreak suites only (ASR); a refusal judge's ASR is
-the share not refused, a safety judge's the share judged unsafe among those it gave a verdict on,
-as ``nestpatch eval`` computes them.
+the share not refused, a safety judge's the share judged unsafe among those it gave a verdict on
+(``nestpatch.evaluate.runner.summarize_generation``, the code `nestpatch eval` reports with; judges
+read the plain request a jailbreak wraps, as there).
 
     python scripts/rejudge.py runs/q05lr-eval --judge composite --suite harmbench --threads 1
 """
@@ -28,6 +29,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from nestpatch.evaluate.judges import make_judge
+    from nestpatch.evaluate.runner import summarize_generation
 
     files = sorted((Path(args.run) / "samples").glob("*.jsonl"))
     if not files:
@@ -40,16 +42,13 @@ def main() -> None:
             recs = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
             if not recs or recs[0].get("kind") != "harmful" or (wanted and recs[0]["suite"] not in wanted):
                 continue
+            for r in recs:  # as the runner judges: the plain request a jailbreak wraps, the model's own text
+                r["verdicts"].update({j.name: j.judge(r.get("behaviour") or r["prompt"], r["reply"]).to_dict() for j in judges})
+            asr = summarize_generation(recs, "harmful", judges)["asr_by_judge"]
             for j in judges:
-                verdicts = [j.judge(r["prompt"], r["reply"]) for r in recs]
-                if getattr(j, "judges_refusal", False):
-                    asr = 1.0 - sum(bool(v.refused) for v in verdicts) / len(verdicts)
-                else:
-                    given = [v for v in verdicts if v.unsafe is not None]
-                    asr = sum(bool(v.unsafe) for v in given) / len(given) if given else float("nan")
                 rows.append({"suite": recs[0]["suite"], "variant": recs[0]["variant"], "n": len(recs), "judge": j.name,
-                             "asr": round(asr, 4)})
-                print(f"{rows[-1]['suite']:<28} {rows[-1]['variant']:<8} n={len(recs):<4} {j.name:<16} ASR {100 * asr:.1f}%",
+                             "asr": asr[j.name]})
+                print(f"{recs[0]['suite']:<28} {recs[0]['variant']:<8} n={len(recs):<4} {j.name:<16} ASR {100 * asr[j.name]:.1f}%",
                       flush=True)
     finally:
         for j in judges:

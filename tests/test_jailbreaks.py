@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,14 @@ def test_jailbreak_run_summary_has_per_attack_asr_mean_and_flips(pico_gguf, pico
     assert "flips_patched" in attacks["gcg"]
     md = render_markdown(s)
     assert "## Jailbreak attacks" in md and "mean over attacks" in md and "ASR (composite)" in md
+    # scripts/rejudge.py judges the saved replies again and gets the figures the run reported
+    import subprocess
+    import sys
+
+    out = tmp_path / "rejudge.json"
+    subprocess.run([sys.executable, "scripts/rejudge.py", str(tmp_path / "run"), "--judge", "strict-refusal,refusal-phrase",
+                    "--json", str(out)], check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 2  # 2 attacks x 2 variants x 2 judges
+    for r in rows:
+        assert r["asr"] == s["suites"][r["suite"]][r["variant"]]["asr_by_judge"][r["judge"]]
