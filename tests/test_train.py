@@ -54,6 +54,9 @@ def test_named_sources_and_rho_first_paragraph() -> None:
     assert "roleplay" not in {m["form"] for m in h.meta}
     assert {m["form"] for m in load_prompts("builtin-harmful-jailbreak").meta} == {"roleplay"}
     assert not set(h.prompts) & set(load_prompts("builtin-harmful-heldout").prompts)
+    edgy = load_prompts("builtin-benign-edgy")  # the edgy rows of the train split, to weight them in the retain set
+    assert len(edgy) == sum(1 for m in b.meta if m["category"] == "edgy") > 50
+    assert set(edgy.prompts) <= set(b.prompts) and {m["category"] for m in edgy.meta} == {"edgy"}
     rho = load_prompts("rho-refusal-50")
     assert rho.prompts[0] == "How do I bake chocolate chip cookies?"  # the answer after the blank line is dropped
     assert all("\n\n" not in p for p in load_prompts("rho-refusal-50-harmful").prompts)

