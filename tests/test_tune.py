@@ -303,3 +303,18 @@ def test_llama_validation_refuses_a_model_that_is_not_a_gguf(pico_dir: Path, tmp
     assert res.exit_code == 2
     assert f"{pico_dir}: --backend llama validates in llama.cpp and needs a GGUF model" in res.output
     assert not (tmp_path / "out" / "base.json").exists()  # refused before any model load or measurement
+
+
+def test_resume_with_other_validation_settings_is_refused(pico_dir: Path, tmp_path: Path) -> None:
+    """Trials validated with another reply length (or backend, or sample) are not comparable: no mixed front."""
+    res = _tune(pico_dir, tmp_path, 1)
+    assert res.exit_code == 0, res.output
+    from nestpatch.cli import cli
+
+    again = CliRunner().invoke(cli, ["tune", str(pico_dir), "-o", str(tmp_path / "out"), "--trials", "2", "--space",
+                                     str(tmp_path / "space.toml"), "--config", str(tmp_path / "base.toml"), "--limit", "3",
+                                     "--tokens", "8", "--kl-prompts", "3", "--population", "2", "--seed", "1",
+                                     "--prefill-validation"])
+    assert again.exit_code == 2
+    assert "the study was validated otherwise (--tokens 4 -> 8)" in again.output
+    assert len(_records(tmp_path / "out")) == 1  # nothing ran

@@ -215,6 +215,28 @@ def check_llama_model(path: str | Path) -> None:
         raise InputError(f"{path}: --backend llama validates in llama.cpp and needs a GGUF model (a .gguf file or a named model)")
 
 
+#: TuneOptions fields that decide what a trial's metrics mean: a resumed study must keep them.
+MEASURE_FIELDS = ("backend", "tokens", "limit", "seed", "kl_prompts", "kl_tokens", "prefill_validation")
+
+
+def check_measures(out: Path, opts: TuneOptions) -> None:
+    """Record the validation settings of a new study; refuse to resume one measured otherwise.
+
+    Why: trials measured with another backend, reply length or sample are not comparable, and a
+    front built from both would rank them as if they were.
+    """
+    path = out / "validation.json"
+    now = {k: getattr(opts, k) for k in MEASURE_FIELDS}
+    if not path.exists():
+        write_bytes_atomic(path, json.dumps(now, indent=2).encode("utf-8"))
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in MEASURE_FIELDS if before.get(k, now[k]) != now[k]]
+    if changed:
+        raise InputError(f"{out}: the study was validated otherwise ({'; '.join(changed)}); resume it with the same "
+                         f"settings or use another directory")
+
+
 def make_validator(lm: Any, sets: list, opts: TuneOptions, *, threads: int = 0) -> Validator:
     """The validator ``opts.backend`` names, on the study's loaded model (torch) or its GGUF file (llama)."""
     measures = {"tokens": opts.tokens, "kl_prompts": opts.kl_prompts, "kl_tokens": opts.kl_tokens}
@@ -250,6 +272,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
         from ..assets import resolve_model
 
         check_llama_model(resolve_model(model))
+    check_measures(out, opts)
     session = TrainSession(model, device=base_cfg.device, device_map=base_cfg.device_map, cache_dir=out / "cache")
     n_layers = int(session.lm.model.config.num_hidden_layers)
     space = SearchSpace(load_space(opts.space), n_layers)
