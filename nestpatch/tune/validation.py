@@ -12,9 +12,11 @@ pooled) and the KL to the base model on benign prompts (see :mod:`nestpatch.eval
 base answers are generated once). Two backends: ``torch`` (the float model with the patch
 attached; cheap, the model is already loaded for training) and ``llama`` (the patch folded into
 the GGUF and run in llama.cpp, the way ``nestpatch eval --backend llama`` reports the test sets).
-Why both: on SmolLM2 a seed that looked like the others on torch validation with 32-token
-replies had three times their HarmBench test ASR in the folded Q4_1 GGUF (docs/RESULTS.md), so a
-recipe chosen for shipping should be validated the way it ships.
+Why both: llama validation measures the artefact that ships (the quantized re-encoding of the
+touched rows, long replies), at several times the cost. On the recipes measured so far the two
+agree closely (Qwen2.5-Coder-0.5B: the same refusal rates, KL 0.078 vs 0.090), and neither showed
+SmolLM2 seed 1's three-times-higher HarmBench test ASR: that gap came from the prompt sample, which
+larger sets (``limit=0``) address, not the backend (docs/RESULTS.md).
 
 Optionally (``prefill=True``) the HarmBench validation behaviours again under the prefilling
 attack (``hb-val-prefill``: the assistant turn starts with the jailbreak suite's compliant
