@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here as JSON")
     args = ap.parse_args()
 
+    from nestpatch.atomic import write_bytes_atomic
     from nestpatch.evaluate.judges import make_judge
+    from nestpatch.evaluate.records import read_records
     from nestpatch.evaluate.runner import summarize_generation
 
     files = sorted((Path(args.run) / "samples").glob("*.jsonl"))
@@ -39,7 +41,7 @@ def main() -> None:
     rows = []
     try:
         for f in files:
-            recs = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+            recs = read_records(f)
             if not recs or recs[0].get("kind") != "harmful" or (wanted and recs[0]["suite"] not in wanted):
                 continue
             for r in recs:  # as the runner judges: the plain request a jailbreak wraps, the model's own text
@@ -56,7 +58,7 @@ def main() -> None:
             if close:
                 close()
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        write_bytes_atomic(args.json, (json.dumps(rows, indent=1) + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":

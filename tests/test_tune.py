@@ -288,6 +288,9 @@ def test_llama_validation_folds_each_patch_and_agrees_with_torch(pico_dir: Path,
             replies.clear()
             rows[name].append(val.measure(patch))
             seen[name].append(list(replies))
+    scratch = on_llama.backend._specs["patched"]["cache_dir"]
+    assert len(list(scratch.iterdir())) == 1  # one folded copy at a time: the first patch's was removed
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["pico.gguf"]  # nothing left in eval's session cache
     on_llama.backend.close()
     assert seen["llama"] == seen["torch"]  # base, first patch, second patch: same greedy replies
     base, first, second = seen["llama"]

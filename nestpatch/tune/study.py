@@ -240,8 +240,7 @@ def check_measures(out: Path, opts: TuneOptions) -> None:
 def make_validator(lm: Any, sets: list, opts: TuneOptions, *, threads: int = 0) -> Validator:
     """The validator ``opts.backend`` names, on the study's loaded model (torch) or its GGUF file (llama)."""
     measures = {"tokens": opts.tokens, "kl_prompts": opts.kl_prompts, "kl_tokens": opts.kl_tokens}
-    if opts.backend == "llama":
-        check_llama_model(lm.source)
+    if opts.backend == "llama":  # run_tune checked that the model is a GGUF before loading it
         return Validator.on_llama(lm.source, sets, batch_size=opts.batch_size, n_threads=threads or None, **measures)
     return Validator.on_torch(lm.model, lm.tokenizer, sets, batch_size=opts.batch_size, **measures)
 

@@ -30,7 +30,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -131,17 +134,26 @@ class Validator:
     @classmethod
     def on_llama(cls, model_path: str | Path, sets: Sequence[ValidationSet], *, batch_size: int = 16,
                  n_threads: int | None = None, **kw: Any) -> "Validator":
-        """Validation in llama.cpp on a GGUF: each patch folded into a copy (``--precision keep``), as ``eval`` runs it."""
+        """Validation in llama.cpp on a GGUF: each patch folded into a copy (``--precision keep``), as ``eval`` runs it.
+
+        The copies go to a scratch directory of this validator, not the session cache ``eval`` uses:
+        a search makes one per trial (a whole model each), and only the current one is kept.
+        """
         from ..evaluate.backends import LlamaBackend
 
         path = str(model_path)
+        scratch = Path(tempfile.mkdtemp(prefix="nestpatch-validate-"))
         backend = LlamaBackend({"base": {"model_path": path}}, n_threads=n_threads, batch_size=batch_size)
 
         def select(patch: Patch) -> None:
             backend.replace_variant("patched", {"model_path": path, "patch": patch, "patch_mode": "fold", "precision": "keep",
-                                                "verify_base": False})
+                                                "verify_base": False, "cache_dir": scratch})
+            for old in scratch.iterdir():  # the previous patch's copy: its session was just closed
+                old.unlink()
 
-        return cls(backend, select, sets, **kw)
+        validator = cls(backend, select, sets, **kw)
+        weakref.finalize(validator, shutil.rmtree, scratch, ignore_errors=True)
+        return validator
 
     def _refusals(self, prompts: list[str], prefill: str | None = None) -> int:
         refused = 0
