@@ -321,3 +321,42 @@ def test_resume_with_other_validation_settings_is_refused(pico_dir: Path, tmp_pa
     assert again.exit_code == 2
     assert "the study was validated otherwise (--tokens 4 -> 8)" in again.output
     assert len(_records(tmp_path / "out")) == 1  # nothing ran
+
+
+def test_pool_seeds_means_every_figure_and_keeps_the_worst_seed_and_spread() -> None:
+    from nestpatch.tune.study import pool_seeds
+
+    a = {"hb-val": 0.9, "asr": 0.10, "benign_refusal": 0.02, "kl": 0.04, "seconds": 10.0}
+    b = {"hb-val": 0.5, "asr": 0.30, "benign_refusal": 0.06, "kl": float("nan"), "seconds": 12.0}
+    assert pool_seeds([a]) == a
+    m = pool_seeds([a, b])
+    assert m["hb-val"] == 0.7 and m["asr"] == 0.2 and m["benign_refusal"] == 0.04 and m["seconds"] == 22.0
+    assert m["kl"] == 0.04 and m["kl_worst"] == 0.04 and m["kl_spread"] == 0.0  # a seed without KL does not count as 0
+    assert m["asr_worst"] == 0.3 and m["asr_spread"] == 0.2 and m["benign_refusal_worst"] == 0.06
+
+
+def test_tune_with_two_seeds_scores_each_trial_by_its_seeds_mean(pico_dir: Path, tmp_path: Path) -> None:
+    """``--seeds 2``: two patches per trial, each validated; the objectives are their means, the first seed reproduces."""
+    from nestpatch.cli import cli
+    from nestpatch.format import read_patch
+
+    (tmp_path / "space.toml").write_text(SPACE)
+    (tmp_path / "base.toml").write_text(BASE)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["tune", str(pico_dir), "-o", str(out), "--trials", "1", "--space",
+                                   str(tmp_path / "space.toml"), "--config", str(tmp_path / "base.toml"), "--limit", "3",
+                                   "--tokens", "4", "--kl-prompts", "3", "--population", "2", "--seed", "5", "--seeds", "2"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (rec,) = _records(out)
+    assert rec["seeds"] == [5, 6] and len(rec["per_seed"]) == 2
+    a, b = rec["per_seed"]
+    for key in ("asr", "benign_refusal", "kl", "hb-val"):
+        assert rec["metrics"][key] == pytest.approx((a[key] + b[key]) / 2, abs=1e-5)
+    assert rec["metrics"]["asr_worst"] == max(a["asr"], b["asr"])
+    first, second = read_patch(out / "trials" / "0000.nestpatch"), read_patch(out / "trials" / "0000-s6.nestpatch")
+    assert first.provenance["config"]["seed"] == 5 and second.provenance["config"]["seed"] == 6
+    assert TrainConfig.from_toml(out / "train.toml").seed == 5  # the chosen config reproduces the first seed's patch
+    table = (out / "pareto.md").read_text()
+    assert "ASR worst seed" in table and "means over seeds [5, 6]" in table
+    assert json.loads((out / "validation.json").read_text())["seeds"] == 2  # a resume must keep the seed count

@@ -22,7 +22,9 @@ class TuneOptions:
 
     trials: int = _f(20, "Finished trials wanted in the study in total (a rerun continues up to this number).")
     timeout: float | None = _f(None, "Stop starting new trials after this many seconds (this call).")
-    seed: int = _f(0, "Training seed of every trial and the sampler's seed.")
+    seed: int = _f(0, "Training seed of every trial (the first, with --seeds) and the sampler's seed.")
+    seeds: int = _f(1, "Train and validate each trial with this many seeds (seed, seed+1, ...); its objectives are the "
+                       "means over them, and the worst seed and the spread are recorded (one seed can be lucky).")
     sampler: str = _f("nsga2", "Optuna sampler: NSGA-II (multi-objective genetic) or TPE.", choices=SAMPLERS)
     population: int = _f(8, "NSGA-II population size (TPE: random start trials).")
     space: str | None = _f(None, "TOML file that updates the default search space (lists: choices; {low, high, log}: ranges; "

@@ -9,14 +9,16 @@ The output directory holds everything, so a second call with the same directory 
 
     study.journal      Optuna's journal storage (finished trials are never rerun)
     trials.jsonl       one line per finished trial: params, metrics, timings, or the error
-    trials/NNNN.*      each trial's patch, resolved train.toml and training log
+    trials/NNNN.*      each trial's patch, resolved train.toml and training log (first seed)
+    trials/NNNN-sK.*   the same for seed K when trials train several seeds (``--seeds``)
     base.json          the base model's validation figures (measured once)
     pareto.md          the Pareto front as a table (plus the base), the chosen trial marked
     pareto.png         ASR vs benign refusal of every trial, the front coloured by KL
     train.toml         the chosen trial's config, usable with ``nestpatch train --config``
 
 The chosen trial is the front's minimum of ``asr + benign_refusal + kl`` (all three are rates or
-nats on comparable scales at the targets; ties go to the lower trial number).
+nats on comparable scales at the targets; ties go to the lower trial number). With ``--seeds N``
+every trial trains and validates N seeds and its objectives are their means (:func:`pool_seeds`).
 """
 
 from __future__ import annotations
@@ -114,16 +116,25 @@ def _fmt(x: Any, pct: bool = False) -> str:
 
 
 def pareto_table(front: list[dict], chosen: dict | None, base: dict, params: list[str], sets: list[str]) -> str:
-    """Markdown table of the front (and the base model) with validation figures and each trial's parameters."""
-    head = ["trial", "ASR", "benign refusal", "KL"] + sets + ["neurons", "params", "train s"] + params
+    """Markdown table of the front (and the base model) with validation figures and each trial's parameters.
+
+    When trials train several seeds (``--seeds``) their figures are means, and the worst seed's ASR
+    and benign refusal and the ASR spread get columns of their own.
+    """
+    seeded = any("asr_worst" in r["metrics"] for r in front)
+    worst = ["ASR worst seed", "ASR spread", "benign refusal worst seed"] if seeded else []
+    head = ["trial", "ASR", "benign refusal", "KL"] + worst + sets + ["neurons", "params", "train s"] + params
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if base:
         lines.append("| base | " + " | ".join([_fmt(base.get("asr"), True), _fmt(base.get("benign_refusal"), True), "0"]
-                                                + [_fmt(base.get(s), True) for s in sets] + ["-"] * (3 + len(params))) + " |")
+                                                + ["-"] * len(worst) + [_fmt(base.get(s), True) for s in sets]
+                                                + ["-"] * (3 + len(params))) + " |")
     for r in sorted(front, key=lambda r: r["metrics"]["asr"]):
         m = r["metrics"]
         mark = f"**{r['trial']}** (chosen)" if chosen is not None and r["trial"] == chosen["trial"] else str(r["trial"])
         cells = [mark, _fmt(m["asr"], True), _fmt(m["benign_refusal"], True), _fmt(float(m["kl"]))]
+        if seeded:
+            cells += [_fmt(m.get("asr_worst"), True), _fmt(m.get("asr_spread"), True), _fmt(m.get("benign_refusal_worst"), True)]
         cells += [_fmt(m.get(s), True) for s in sets]
         cells += [str(r.get("neurons", "-")), str(r.get("trainable_parameters", "-")), f"{r.get('timings', {}).get('train_s', 0):.0f}"]
         shown = {p: r.get("config", {}).get(p) if not isinstance(r.get("config", {}).get(p, []), list) else r["params"].get(p)
@@ -183,8 +194,10 @@ def read_records(path: Path) -> list[dict]:
     return [by[k] for k in sorted(by)]
 
 
-def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cfg: TrainConfig) -> tuple[list[dict], dict | None]:
-    """pareto.md, pareto.png and train.toml from the study's finished trials."""
+def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cfg: TrainConfig,
+                  seeds: list[int] | None = None) -> tuple[list[dict], dict | None]:
+    """pareto.md, pareto.png and train.toml from the study's finished trials (``seeds``: each trial's training seeds)."""
+    seeds = seeds or [int(base_cfg.seed or 0)]
     records = {r["trial"]: r for r in read_records(out / "trials.jsonl")}
     front = [records[t.number] for t in study.best_trials if t.number in records and "metrics" in records[t.number]] \
         if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else []
@@ -194,17 +207,47 @@ def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cf
     write_bytes_atomic(out / "pareto.md", (
         f"# nestpatch tune: Pareto front ({len(front)} of {len(records)} trials)\n\n"
         "Validation sets only (HarmBench validation, held-out built-in splits, built-in edgy held-out). "
-        "Objectives minimised: ASR, benign refusal (benign + edgy), KL to base. Chosen: min ASR + benign refusal + KL.\n\n"
+        "Objectives minimised: ASR, benign refusal (benign + edgy), KL to base. Chosen: min ASR + benign refusal + KL."
+        + (f" Each trial's figures are the means over seeds {seeds}; neurons, params and train s are seed {seeds[0]}'s."
+           if len(seeds) > 1 else "") + "\n\n"
         + pareto_table(front, chosen, base, params, sets)).encode("utf-8"))
     pareto_plot(out / "pareto.png", list(records.values()), front, chosen, base)
     if chosen is not None:
         cfg = TrainConfig.from_dict(chosen["config"], f"trial {chosen['trial']}")
         cfg = dataclasses.replace(cfg, out=str(out / "tuned.nestpatch"), resume=False)
         m = chosen["metrics"]
+        over = f" (means over seeds {seeds}; worst seed ASR {m['asr_worst']:.4f})" if "asr_worst" in m else ""
         head = (f"# chosen by nestpatch tune: trial {chosen['trial']} of {out}\n"
-                f"# validation: ASR {m['asr']:.4f}, benign refusal {m['benign_refusal']:.4f}, KL {float(m['kl']):.5f}\n")
+                f"# validation: ASR {m['asr']:.4f}, benign refusal {m['benign_refusal']:.4f}, KL {float(m['kl']):.5f}{over}\n")
         write_bytes_atomic(out / "train.toml", (head + cfg.to_toml()).encode("utf-8"))
     return front, chosen
+
+
+def trial_seeds(opts: TuneOptions) -> list[int]:
+    """The training seeds of every trial: ``--seed`` and the ``--seeds - 1`` after it."""
+    return [opts.seed + i for i in range(max(1, opts.seeds))]
+
+
+def pool_seeds(per_seed: list[dict]) -> dict:
+    """One trial's metrics over its seeds: each figure's mean, and for the objectives the worst seed and the spread.
+
+    Why the mean is the objective: on every model measured here one recipe's seeds differ by up to
+    19 points of HarmBench ASR (docs/RESULTS.md), so a one-seed trial ranks luck as much as the
+    recipe. The worst seed and the spread (max - min) are kept for the front and the report.
+    """
+    if len(per_seed) == 1:
+        return dict(per_seed[0])
+    out: dict[str, Any] = {}
+    for key in per_seed[0]:
+        vals = [float(m[key]) for m in per_seed if key in m and m[key] is not None and not math.isnan(float(m[key]))]
+        out[key] = round(sum(vals) / len(vals), 5) if vals else float("nan")
+    out["seconds"] = round(sum(float(m.get("seconds", 0.0)) for m in per_seed), 1)
+    for key in OBJECTIVES:
+        vals = [float(m[key]) for m in per_seed if not math.isnan(float(m[key]))]
+        if vals:
+            worst = max(vals)
+            out[f"{key}_worst"], out[f"{key}_spread"] = round(worst, 5), round(worst - min(vals), 5)
+    return out
 
 
 def check_llama_model(path: str | Path) -> None:
@@ -216,7 +259,7 @@ def check_llama_model(path: str | Path) -> None:
 
 
 #: TuneOptions fields that decide what a trial's metrics mean: a resumed study must keep them.
-MEASURE_FIELDS = ("backend", "tokens", "limit", "seed", "kl_prompts", "kl_tokens", "prefill_validation")
+MEASURE_FIELDS = ("backend", "tokens", "limit", "seed", "seeds", "kl_prompts", "kl_tokens", "prefill_validation")
 
 
 def check_measures(out: Path, opts: TuneOptions) -> None:
@@ -299,15 +342,23 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
         try:
             overrides = space.sample(trial)
             rec["params"] = dict(trial.params)
-            stem = out / "trials" / f"{n:04d}"
-            cfg = base_cfg.merged({**overrides, "out": str(stem) + ".nestpatch"})
-            run = session.train(cfg, log_path=str(stem) + ".train.jsonl")
-            write_patch(run.patch, Path(str(stem) + ".nestpatch"))
-            write_bytes_atomic(Path(str(stem) + ".train.toml"), run.config.to_toml().encode("utf-8"))
-            metrics = validator.measure(run.patch)
+            runs, per_seed = [], []
+            for seed in trial_seeds(opts):
+                # the first seed's files keep the plain name: train.toml (seed = --seed) reproduces that patch
+                stem = out / "trials" / (f"{n:04d}" if seed == opts.seed else f"{n:04d}-s{seed}")
+                cfg = base_cfg.merged({**overrides, "seed": seed, "out": str(stem) + ".nestpatch"})
+                run = session.train(cfg, log_path=str(stem) + ".train.jsonl")
+                write_patch(run.patch, Path(str(stem) + ".nestpatch"))
+                write_bytes_atomic(Path(str(stem) + ".train.toml"), run.config.to_toml().encode("utf-8"))
+                runs.append(run)
+                per_seed.append(validator.measure(run.patch))
+            run = runs[0]
+            metrics = pool_seeds(per_seed)
             rec.update(metrics=metrics, neurons=run.neurons, trainable_parameters=run.patch.trainable_parameters,
                        clusters=run.patch.n_clusters, config=run.config.to_dict(), timings=run.timings,
                        final_loss=run.summary.final, seconds=round(time.time() - t0, 1))
+            if len(runs) > 1:
+                rec.update(seeds=trial_seeds(opts), per_seed=per_seed, neurons_per_seed=[r.neurons for r in runs])
         except NestpatchError as e:
             rec.update(error=str(e), seconds=round(time.time() - t0, 1))
             _append_jsonl(jsonl, rec)
@@ -317,7 +368,8 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
         _append_jsonl(jsonl, rec)
         if progress:
             m = rec["metrics"]
-            progress(f"trial {n}: ASR {m['asr']:.3f}, benign refusal {m['benign_refusal']:.3f}, KL {m['kl']:.4f} "
+            worst = f" (worst seed {m['asr_worst']:.3f}, spread {m['asr_spread']:.3f})" if "asr_worst" in m else ""
+            progress(f"trial {n}: ASR {m['asr']:.3f}{worst}, benign refusal {m['benign_refusal']:.3f}, KL {m['kl']:.4f} "
                      f"({rec['neurons']} neurons, {rec['seconds']:.0f} s) {rec['params']}")
         kl = float(metrics["kl"])
         return float(metrics["asr"]), float(metrics["benign_refusal"]), 0.0 if math.isnan(kl) else kl
@@ -327,7 +379,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     if todo:
         # the front, plot and chosen config are rewritten after every trial: an interrupted study still has them
         study.optimize(objective, n_trials=todo, timeout=opts.timeout, catch=(NestpatchError,), gc_after_trial=True,
-                       callbacks=[lambda st, _t: write_outputs(out, st, space, base, base_cfg)])
+                       callbacks=[lambda st, _t: write_outputs(out, st, space, base, base_cfg, trial_seeds(opts))])
     finished = len(_finished(study))
-    front, chosen = write_outputs(out, study, space, base, base_cfg)
+    front, chosen = write_outputs(out, study, space, base, base_cfg, trial_seeds(opts))
     return TuneResult(out, finished, finished - before, front, chosen, base)
