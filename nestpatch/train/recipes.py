@@ -59,13 +59,15 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
         settings={"max_prompts": 96, "detect_prompts": 64, "steps": 30, "batch_size": 4, "max_length": 128,
                   "activation_checkpointing": True, "lr": 1e-3},
         why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token; measured "
-            "end to end on this 2-core CPU: 14 min, peak RSS 9.7 GB (docs/RESULTS.md); at 1 thread beside other jobs 23-31 min, "
-            "13.9-15.9 GB.",
+            "end to end on this 2-core CPU: 14 min, peak RSS 9.6-15.8 GB (the peak varies between runs, not with the thread "
+            "count; docs/RESULTS.md); at 1 thread beside other jobs 23-31 min.",
         notes={"max_length": "as for the 0.5B", "activation_checkpointing": "as for the 0.5B (3.6x its activations per token)",
                "lr": "the default 2e-2 diverged on this model: the training loss went from 0.83 to 6.1 at the second step "
                      "(delta RMS 0.008) and ended at 15.1; at 1e-3 it ends at 0.41 (refusal 0.08, retain 0.22) with deltas at RMS 0.004. "
                      "Chosen on the training loss alone, no evaluation data. Three seeds (HarmBench test, folded GGUF): ASR "
-                     "5.0 / 13.2 / 20.8% with benign refusal 0-1.3%: under-trained for some seeds (docs/RESULTS.md)."},
+                     "5.0 / 13.2 / 20.8% with benign refusal 0-1.3%. A stronger update does not fix the spread: on all 41 "
+                     "HarmBench validation behaviours lr 2e-3 gave 17.1 / 14.6% ASR on seeds 1 / 2 against 7.3 / 14.6% at 1e-3, "
+                     "and retain weight 0.75 gave 12.2% on seed 1 (docs/RESULTS.md, session 10)."},
     ),
 )}
 
