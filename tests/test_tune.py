@@ -141,6 +141,9 @@ def test_cli_tune_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
 
     res = CliRunner().invoke(cli, ["tune", "smollm2", "-o", str(tmp_path / "o"), "--trials", "0"])
     assert res.exit_code == 2 and res.output.strip().splitlines()[-1].startswith("error: --trials")
+    res = CliRunner().invoke(cli, ["tune", "smollm2", "-o", str(tmp_path / "o"), "--seeds", "0"])
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == "error: --seeds must be at least 1, got 0"
+    assert not (tmp_path / "o").exists()  # refused before anything is written
     (tmp_path / "s.toml").write_text("lr = [")
     res = CliRunner().invoke(cli, ["tune", "smollm2", "-o", str(tmp_path / "o"), "--space", str(tmp_path / "s.toml"),
                                    "--config", str(tmp_path / "missing.toml")])

@@ -67,7 +67,7 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
                      "Chosen on the training loss alone, no evaluation data. Three seeds (HarmBench test, folded GGUF): ASR "
                      "5.0 / 13.2 / 20.8% with benign refusal 0-1.3%. A stronger update does not fix the spread: on all 41 "
                      "HarmBench validation behaviours lr 2e-3 gave 17.1 / 14.6% ASR on seeds 1 / 2 against 7.3 / 14.6% at 1e-3, "
-                     "and retain weight 0.75 gave 12.2% on seed 1 (docs/RESULTS.md, session 10)."},
+                     "and retain weight 0.75 gave 12.2 / 7.3% (docs/RESULTS.md, session 10)."},
     ),
 )}
 

@@ -225,7 +225,7 @@ def write_outputs(out: Path, study: Any, space: SearchSpace, base: dict, base_cf
 
 def trial_seeds(opts: TuneOptions) -> list[int]:
     """The training seeds of every trial: ``--seed`` and the ``--seeds - 1`` after it."""
-    return [opts.seed + i for i in range(max(1, opts.seeds))]
+    return [opts.seed + i for i in range(opts.seeds)]
 
 
 def pool_seeds(per_seed: list[dict]) -> dict:
@@ -303,6 +303,8 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
         raise InputError(f"{out}: parent directory {out.parent} does not exist")
     if opts.trials < 1:
         raise InputError(f"--trials must be at least 1, got {opts.trials}")
+    if opts.seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {opts.seeds}")
     (out / "trials").mkdir(parents=True, exist_ok=True)
     base_cfg = dataclasses.replace(base_cfg or TrainConfig(), model=model, seed=opts.seed, resume=False,
                                    out=str(out / "trials" / "base.nestpatch"))
