@@ -43,8 +43,6 @@ def tune_cmd(model: str, out: str, config_file: str | None, threads: int, as_jso
     opts = dataclass_from_options(TuneOptions, kwargs)
     if opts.trials < 1:
         raise InputError(f"--trials must be at least 1, got {opts.trials}")
-    if opts.seeds < 1:
-        raise InputError(f"--seeds must be at least 1, got {opts.seeds}")
     base = TrainConfig.from_toml(config_file) if config_file else TrainConfig()
     if threads:
         base = base.merged({"threads": threads})

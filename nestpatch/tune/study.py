@@ -336,6 +336,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     if opts.enqueue_defaults and not study.get_trials(deepcopy=False):
         study.enqueue_trial(space.params_of(base_cfg), skip_if_exists=True)
     jsonl = out / "trials.jsonl"
+    seeds = trial_seeds(opts)
 
     def objective(trial: Any) -> tuple[float, float, float]:
         t0 = time.time()
@@ -345,7 +346,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
             overrides = space.sample(trial)
             rec["params"] = dict(trial.params)
             runs, per_seed = [], []
-            for seed in trial_seeds(opts):
+            for seed in seeds:
                 # the first seed's files keep the plain name: train.toml (seed = --seed) reproduces that patch
                 stem = out / "trials" / (f"{n:04d}" if seed == opts.seed else f"{n:04d}-s{seed}")
                 cfg = base_cfg.merged({**overrides, "seed": seed, "out": str(stem) + ".nestpatch"})
@@ -360,7 +361,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
                        clusters=run.patch.n_clusters, config=run.config.to_dict(), timings=run.timings,
                        final_loss=run.summary.final, seconds=round(time.time() - t0, 1))
             if len(runs) > 1:
-                rec.update(seeds=trial_seeds(opts), per_seed=per_seed, neurons_per_seed=[r.neurons for r in runs])
+                rec.update(seeds=seeds, per_seed=per_seed, neurons_per_seed=[r.neurons for r in runs])
         except NestpatchError as e:
             rec.update(error=str(e), seconds=round(time.time() - t0, 1))
             _append_jsonl(jsonl, rec)
@@ -381,7 +382,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     if todo:
         # the front, plot and chosen config are rewritten after every trial: an interrupted study still has them
         study.optimize(objective, n_trials=todo, timeout=opts.timeout, catch=(NestpatchError,), gc_after_trial=True,
-                       callbacks=[lambda st, _t: write_outputs(out, st, space, base, base_cfg, trial_seeds(opts))])
+                       callbacks=[lambda st, _t: write_outputs(out, st, space, base, base_cfg, seeds)])
     finished = len(_finished(study))
-    front, chosen = write_outputs(out, study, space, base, base_cfg, trial_seeds(opts))
+    front, chosen = write_outputs(out, study, space, base, base_cfg, seeds)
     return TuneResult(out, finished, finished - before, front, chosen, base)
