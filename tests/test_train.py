@@ -250,6 +250,48 @@ def test_same_seed_same_patch_and_resume_continues_exactly(trained: Any, pico_di
     assert not (tmp_path / "policy.ckpt").exists()  # removed after success
 
 
+def test_neurons_from_a_patch_keep_its_selection_and_reproduce_its_training(trained: Any, pico_dir: Path, tmp_path: Path) -> None:
+    from nestpatch.train.pipeline import train_policy
+
+    first = read_patch(trained.paths.patch)
+    # same seed, neurons taken from the patch instead of detected: the very same patch, deltas included
+    same = train_policy(_cfg(pico_dir, tmp_path / "same.nestpatch", neurons=str(trained.paths.patch)))
+    again = read_patch(same.paths.patch)
+    assert [t.name for t in again.targets] == [t.name for t in first.targets]
+    for a, b in zip(first.targets, again.targets):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.clusters, b.clusters)
+        np.testing.assert_allclose(a.deltas, b.deltas, rtol=1e-5, atol=1e-6)
+    src = again.provenance[ProvenanceKey.DETECTION]["neurons_from"]
+    assert src == {"path": "policy.nestpatch", "content_digest": first.content_digest, "seed": 123}
+    assert again.provenance[ProvenanceKey.DETECTION]["selected"] == first.n_neurons
+    # another seed on the same neurons: the selection stays, only training differs
+    other = read_patch(train_policy(_cfg(pico_dir, tmp_path / "s7.nestpatch", seed=7, neurons=str(trained.paths.patch))).paths.patch)
+    for a, b in zip(first.targets, other.targets):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.clusters, b.clusters)
+    assert max(float(np.abs(a.deltas - b.deltas).max()) for a, b in zip(first.targets, other.targets)) > 1e-3
+
+
+def test_cli_neurons_from_a_patch_of_another_model_is_refused(trained: Any, tmp_path: Path) -> None:
+    from nestpatch.cli import cli
+    from nestpatch.testing import make_pico_model, write_hf_dir
+
+    other_dir = write_hf_dir(make_pico_model(seed=5), tmp_path / "other")
+    out = tmp_path / "o.nestpatch"
+    args = ["train", str(other_dir), "-o", str(out), "--steps", "1", "--quiet", "--max-prompts", "8"]
+    r = CliRunner().invoke(cli, args + ["--neurons", str(trained.paths.patch)])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {trained.paths.patch}: tensor ") and "does not match the patch's base model" in last
+    assert not out.exists()
+    r = CliRunner().invoke(cli, args + ["--neurons", str(tmp_path / "missing.nestpatch")])
+    assert r.exit_code == 2 and "missing.nestpatch: no such patch (--neurons)" in r.output
+    (tmp_path / "junk.nestpatch").write_bytes(b"not a patch")
+    r = CliRunner().invoke(cli, args + ["--neurons", str(tmp_path / "junk.nestpatch")])
+    assert r.exit_code == 2 and "junk.nestpatch" in r.output.strip().splitlines()[-1]
+
+
 def test_nan_loss_stops_without_writing_a_patch(pico_dir: Path, tmp_path: Path) -> None:
     from nestpatch.train.pipeline import train_policy
 

@@ -33,9 +33,14 @@ def _overrides(kwargs: dict) -> dict:
 def _render(result: Any) -> str:
     det, cfg, patch = result.detection, result.config, result.patch
     modules = list(cfg.modules)
-    lines = [f"detection ({det['detector']}, z > {det['threshold']:g}): {det['selected']} of {det['of']} neurons "
-             f"({100 * det['fraction']:.2f}%), {det['prompts']['harmful']}+{det['prompts']['benign']} prompts",
-             "  layer  " + "  ".join(f"{m:>9}" for m in modules)]
+    if "neurons_from" in det:  # the source patch's targets decide the modules, not --modules
+        modules = [m for m in ("gate_proj", "up_proj", "down_proj") if any(m in row for row in result.per_layer.values())]
+        src = det["neurons_from"]
+        head = f"neurons from {src['path']} (seed {src['seed']}): {det['selected']} of {det['of']} neurons ({100 * det['fraction']:.2f}%)"
+    else:
+        head = (f"detection ({det['detector']}, z > {det['threshold']:g}): {det['selected']} of {det['of']} neurons "
+                f"({100 * det['fraction']:.2f}%), {det['prompts']['harmful']}+{det['prompts']['benign']} prompts")
+    lines = [head, "  layer  " + "  ".join(f"{m:>9}" for m in modules)]
     for layer in sorted(result.per_layer):
         row = result.per_layer[layer]
         lines.append(f"  {layer:>5}  " + "  ".join(f"{row.get(m, 0):>9}" for m in modules))

@@ -91,6 +91,10 @@ class TrainConfig:
     clusters: int | None = _f(None, "Fixed number of clusters per module (default: chosen by silhouette in [k_min, k_max]).", group="detect")
     k_min: int = _f(2, "Smallest k tried by the silhouette search.", group="detect")
     k_max: int = _f(4, "Largest k tried by the silhouette search.", group="detect")
+    neurons: str | None = _f(None, "Reuse the neurons and clusters of this .nestpatch (made for the same base model) instead of "
+                                   "detecting and clustering: a new policy version on the same neurons, so `nestpatch diff` "
+                                   "compares deltas, or a run that varies only training. Its targets replace --modules/--layers.",
+                             group="detect")
 
     # --- training ---
     refusal_targets: str = _f("auto", "Refusal targets: the model's own refusals (own), the project's templates (template), or "
@@ -190,6 +194,8 @@ class TrainConfig:
             raise InputError(f"--k-min/--k-max must satisfy 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise InputError(f"--seed must be in [0, 2^32), got {self.seed}")
+        if self.neurons is not None and not Path(self.neurons).is_file():
+            raise InputError(f"{self.neurons}: no such patch (--neurons)")
         if self.device_map not in (None, "auto"):
             raise InputError(f"--device-map {self.device_map!r} invalid; expected auto")
         return self

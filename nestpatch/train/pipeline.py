@@ -40,6 +40,7 @@ from .datamix import balance
 from .examples import Example, LlamaAnswers, generate_answers, prompt_ids, recovery_examples, response_ids
 from .recipes import apply_recipe
 from .refusals import own_refusals, refusal_judge, template_refusals
+from .reuse import neurons_from_patch
 from .trainer import Trainer, TrainSummary
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,12 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
                    cache: dict | None = None) -> tuple[list[TargetSpec], dict, dict[int, dict[str, int]], dict]:
     """Detection then clustering; returns target specs, detection stats, per-layer counts, cluster stats.
 
+    With ``cfg.neurons`` set, both come from that patch instead (:mod:`.reuse`).
+
     ``cache`` (a dict kept across calls on the same model) lets detection reuse pooled activations.
     """
+    if cfg.neurons:
+        return neurons_from_patch(lm, cfg.neurons)
     bars = bars or _Bars(False)
     seed = int(cfg.seed or 0)
     dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
