@@ -22,12 +22,12 @@ from nestpatch.cli.options import (REMOVED_IN, dataclass_options, dataclass_over
 COMMANDS = dict(cli.commands)
 
 #: Commands that write one output file or directory of their own; --force replaces an existing one.
-WRITERS = {"apply", "revert", "export-lora", "keygen", "sign", "report", "train"}
+WRITERS = {"apply", "revert", "export-lora", "keygen", "sign", "report", "train", "select"}
 #: Commands whose output is a run directory: an earlier run there is continued (--resume or a rerun), never replaced.
 RUN_DIRS = {"eval", "bench", "tune", "robustness"}
 #: Commands that take the model they work on (positional MODEL). ``diff --model`` is the model of
 #: --behaviour, an option of an option, after two positional patches: it stays an option.
-MODEL_COMMANDS = {"apply", "chat", "eval", "verify", "train", "bench", "tune", "robustness"}
+MODEL_COMMANDS = {"apply", "chat", "eval", "verify", "train", "bench", "tune", "robustness", "select"}
 #: Every command reports something except the interactive chat.
 NO_JSON = {"chat"}
 

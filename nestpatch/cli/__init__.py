@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "nestpatch.cli.audit_cmds",
     "nestpatch.cli.bench_cmd",
     "nestpatch.cli.tune_cmd",
+    "nestpatch.cli.select_cmd",
     "nestpatch.cli.robustness_cmd",
 )
 

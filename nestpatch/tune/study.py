@@ -37,7 +37,7 @@ from ..errors import InputError, NestpatchError
 from ..format import write_patch
 from ..train.config import TrainConfig
 from ..train.recipes import apply_recipe
-from .options import SAMPLERS, TuneOptions  # noqa: F401  (re-exported: the study's API)
+from .options import SAMPLERS, TuneOptions, ValidationOptions  # noqa: F401  (re-exported: the study's API)
 from .session import TrainSession
 from .space import SearchSpace, load_space
 from .validation import Validator, validation_sets
@@ -102,11 +102,16 @@ def _exists(storage: Any) -> bool:
     return any(s.study_name == STUDY_NAME for s in storage.get_all_studies())
 
 
+def objective_sum(metrics: dict) -> float:
+    """``asr + benign_refusal + kl``: how ``tune`` picks its trial and ``select`` its patch (all three are to be small)."""
+    return sum(float(metrics[k]) for k in OBJECTIVES)
+
+
 def choose(front: list[dict]) -> dict | None:
-    """The front's trial with the smallest ``asr + benign_refusal + kl`` (lowest number on ties)."""
+    """The front's trial with the smallest :func:`objective_sum` (lowest number on ties)."""
     if not front:
         return None
-    return min(front, key=lambda r: (sum(float(r["metrics"][k]) for k in OBJECTIVES), r["trial"]))
+    return min(front, key=lambda r: (objective_sum(r["metrics"]), r["trial"]))
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -280,11 +285,16 @@ def check_measures(out: Path, opts: TuneOptions) -> None:
                          f"settings or use another directory")
 
 
-def make_validator(lm: Any, sets: list, opts: TuneOptions, *, threads: int = 0) -> Validator:
-    """The validator ``opts.backend`` names, on the study's loaded model (torch) or its GGUF file (llama)."""
+def make_validator(sets: list, opts: ValidationOptions, *, source: str | Path, lm: Any = None, threads: int = 0) -> Validator:
+    """The validator ``opts.backend`` names: on the GGUF file ``source`` (llama) or the loaded model ``lm`` (torch).
+
+    The caller checks first that ``source`` is a GGUF for llama (:func:`check_llama_model`).
+    """
     measures = {"tokens": opts.tokens, "kl_prompts": opts.kl_prompts, "kl_tokens": opts.kl_tokens}
-    if opts.backend == "llama":  # run_tune checked that the model is a GGUF before loading it
-        return Validator.on_llama(lm.source, sets, batch_size=opts.batch_size, n_threads=threads or None, **measures)
+    if opts.backend == "llama":
+        return Validator.on_llama(source, sets, batch_size=opts.batch_size, n_threads=threads or None, **measures)
+    if lm is None:
+        raise ValueError("torch validation needs the loaded model")
     return Validator.on_torch(lm.model, lm.tokenizer, sets, batch_size=opts.batch_size, **measures)
 
 
@@ -322,7 +332,7 @@ def run_tune(model: str, out: str | Path, opts: TuneOptions, base_cfg: TrainConf
     space = SearchSpace(load_space(opts.space), n_layers)
     base_cfg = base_cfg.merged(space.fixed)
     sets = validation_sets(opts.limit, opts.seed, prefill=opts.prefill_validation)
-    validator = make_validator(session.lm, sets, opts, threads=base_cfg.threads)
+    validator = make_validator(sets, opts, source=session.lm.source, lm=session.lm, threads=base_cfg.threads)
     base_path = out / "base.json"
     if base_path.exists():
         base = json.loads(base_path.read_text(encoding="utf-8"))
