@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,8 @@ def folded_model(model_path: str | os.PathLike, patch: Patch, *, precision: str 
     out = Path(cache_dir or derived_cache_dir()) / f"{model_path.stem}.{_file_key(model_path)}.{_patch_key(patch)}.{precision}.gguf"
     if not out.exists():
         log.info("folding the patch into %s -> %s", model_path, out)
-        fold_gguf(model_path, patch, out, precision=precision)
+        # a bar only on a terminal: in a log file (tune, select, CI) it is a stream of carriage returns
+        fold_gguf(model_path, patch, out, precision=precision, progress=sys.stderr.isatty())
     return out
 
 
