@@ -59,8 +59,8 @@ class TuneOptions(ValidationOptions):
 class SelectOptions(ValidationOptions):
     """What ``nestpatch select`` takes besides the model, the candidates and the output.
 
-    Its defaults are the setting that ranked seeds as the HarmBench test does (docs/RESULTS.md,
-    session 10): every validation prompt, the folded GGUF in llama.cpp, 128-token replies.
+    Its defaults are the setting whose ranking of seeds followed the HarmBench test (docs/RESULTS.md,
+    sessions 10 and 11): every validation prompt, the folded GGUF in llama.cpp, 128-token replies.
     """
 
     backend: str = _default("backend", "llama")

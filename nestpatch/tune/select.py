@@ -2,8 +2,10 @@
 
 Why a command: one NeST recipe's seeds differ by up to 19 points of HarmBench test ASR on every
 model measured here, and measured on every HarmBench *validation* behaviour in llama.cpp the
-seeds rank as they do on the test (docs/RESULTS.md, session 10). So a release can train a few
-seeds and ship the one validation prefers, never looking at an evaluation set. The rule is the
+seeds rank roughly as they do on the test (Spearman 0.65 over nine SmolLM2 seeds). Keeping the
+best of three lowered the expected HarmBench test ASR from 12.6% to 10.5% over every triple of
+those seeds (docs/RESULTS.md, session 11). So a release can train a few seeds and ship the one
+validation prefers, never looking at an evaluation set. The rule is the
 one ``tune`` uses for its trial (:func:`nestpatch.tune.study.objective_sum`: ASR + benign refusal +
 KL), and every candidate's figures go into the chosen patch's provenance, so the choice can be
 audited from the file alone. The tensors are copied unchanged: the chosen file's content digest
