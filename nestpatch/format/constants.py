@@ -83,6 +83,8 @@ class ProvenanceKey:
     LIBRARIES = "libraries"
     TRAINABLE_PARAMETERS = "trainable_parameters"
     DETECTION = "detection"
+    #: written by ``nestpatch select``: the rule, the validation settings and every candidate's figures
+    SELECTION = "selection"
 
 
 class SignatureKey:

@@ -57,12 +57,11 @@ def neurons_from_patch(lm: LoadedModel, path: str | Path) -> tuple[list[TargetSp
         cstats[t.name] = {"k": t.n_clusters, "chosen_by": "patch"}
     source_det = dict(patch.provenance.get(ProvenanceKey.DETECTION) or {})
     source_det.pop("clusters", None)
-    n_neuron_axis = sum(t.n_neuron_axis for t in patch.targets)
+    probed = int(source_det.get("of", sum(t.n_neuron_axis for t in patch.targets)))  # neurons the source's detection scored
     det = {
         "detector": source_det.get("detector", "patch"), "threshold": source_det.get("threshold"),
         "prompts": source_det.get("prompts", {"harmful": 0, "benign": 0}),
-        "selected": patch.n_neurons, "of": source_det.get("of", n_neuron_axis),
-        "fraction": round(patch.n_neurons / max(1, int(source_det.get("of", n_neuron_axis))), 6),
+        "selected": patch.n_neurons, "of": probed, "fraction": round(patch.n_neurons / max(1, probed), 6),
         "neurons_from": {"path": Path(path).name, "content_digest": patch.content_digest,
                          "seed": patch.provenance.get(ProvenanceKey.SEED)},
     }

@@ -29,8 +29,6 @@ from .validation import validation_sets
 
 log = logging.getLogger(__name__)
 
-#: Provenance key of the selection record in the written patch.
-SELECTION_KEY = "selection"
 RULE = "min asr + benign_refusal + kl on the validation sets (refusal-phrase judge)"
 
 
@@ -86,16 +84,17 @@ def select_patch(model_path: str | Path, candidates: Sequence[Candidate], out: s
         if progress:
             progress(f"[{i + 1}/{len(candidates)}] {c.label}: " + ", ".join(f"{k} {c.metrics[k]:.4f}" for k in OBJECTIVES))
     chosen = min(range(len(candidates)), key=lambda i: (candidates[i].score, i))
+    sizes = {s.name: len(s.prompts) for s in sets}
     patch = candidates[chosen].patch.copy()
     if patch.signature is not None:  # a signature covers the metadata, which now gains the selection record
         log.warning("%s was signed; the chosen copy is not (sign it again: nestpatch sign)", candidates[chosen].label)
         patch.signature = None
-    patch.provenance[SELECTION_KEY] = {
+    patch.provenance[ProvenanceKey.SELECTION] = {
         "rule": RULE, "backend": opts.backend, "tokens": opts.tokens, "limit": opts.limit, "kl_prompts": opts.kl_prompts,
-        "kl_tokens": opts.kl_tokens, "sets": {s.name: len(s.prompts) for s in sets}, "chosen": chosen,
+        "kl_tokens": opts.kl_tokens, "sets": sizes, "chosen": chosen,
         "candidates": [{"label": c.label, "content_digest": c.patch.content_digest,
                         "seed": c.patch.provenance.get(ProvenanceKey.SEED), "score": round(c.score, 5),
                         **{k: v for k, v in c.metrics.items() if k != "seconds"}} for c in candidates],
     }
     write_patch(patch, out)
-    return SelectResult(list(candidates), chosen, {s.name: len(s.prompts) for s in sets})
+    return SelectResult(list(candidates), chosen, sizes)
