@@ -360,3 +360,40 @@ def test_circuit_breaker_zero_b_has_no_rerouting_gradient(pico_model: Any) -> No
         cb.step_losses(pm, hb, bb, (1, 2), autocast=False).reroute.backward()
         grads.append(float(torch.stack([p.grad.norm() for p in params.values() if p.grad is not None]).norm()))
     assert grads[0] < 1e-6 < grads[1]
+
+
+def test_bench_shares_a_named_models_recipe_with_every_method(tmp_path: Path) -> None:
+    """On a model with a recipe, every method trains on the recipe's prompts, steps and batches.
+
+    Before, only NeST (through ``nestpatch train``) saw the Qwen recipe: the baselines trained 60
+    steps of 8 on 256 prompts a role against NeST's 40 of 6 on 128, so the bench compared
+    different data. The recipe's lr stays NeST's; a baseline keeps its own.
+    """
+    from nestpatch.baselines.bench import BenchConfig
+    from nestpatch.baselines.common import MethodContext
+    from nestpatch.baselines.registry import get_method
+    from nestpatch.train import TrainConfig
+    from nestpatch.train.recipes import RECIPES, apply_recipe
+
+    q05 = "qwen2.5-coder-0.5b"
+    recipe = RECIPES[q05].settings
+    tc = BenchConfig(model=q05, out_dir=str(tmp_path / "b")).shared_train_config()
+    assert tc.recipe == q05
+    assert {k: getattr(tc, k) for k in recipe} == recipe
+    assert tc.steps != TrainConfig().steps and tc.batch_size != TrainConfig().batch_size  # the recipe really differs
+
+    def method_cfg(name: str) -> TrainConfig:
+        m = get_method(name)
+        return MethodContext(method=name, train_config=tc, options=m.options(), out_dir=tmp_path).config_for_method()
+
+    nest, lora = method_cfg("nest"), method_cfg("lora")
+    shared = ("max_prompts", "detect_prompts", "steps", "batch_size", "max_length", "activation_checkpointing")
+    assert all(getattr(nest, k) == getattr(lora, k) == recipe[k] for k in shared)
+    assert nest.lr == recipe["lr"] and lora.lr == get_method("lora").options()["lr"] != recipe["lr"]
+    # NeST's own train run re-applies the recipe and records it as applied, not as overridden by itself
+    _, record = apply_recipe(nest)
+    assert record["overridden"] == [] and record["applied"] == recipe
+    # a value the user set still wins over the recipe
+    mine = BenchConfig(model=q05, out_dir=str(tmp_path / "c"), train_config=TrainConfig(batch_size=3)).shared_train_config()
+    assert mine.batch_size == 3 and mine.steps == recipe["steps"]
+    assert BenchConfig(model="smollm2", out_dir=str(tmp_path / "d")).shared_train_config().steps == TrainConfig().steps

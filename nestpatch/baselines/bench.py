@@ -118,14 +118,23 @@ class BenchConfig:
         return self
 
     def shared_train_config(self) -> TrainConfig:
-        """The training config every method shares: seed fixed (0 unless given) so reruns reproduce."""
+        """The training config every method shares: seed fixed (0 unless given) so reruns reproduce.
+
+        A named model's recipe (:mod:`nestpatch.train.recipes`) is applied here, not only inside
+        ``nestpatch train``: its data and step settings (prompts, steps, batch, sequence length,
+        activation checkpointing) must be every method's, or the baselines would train on other
+        sequences than NeST. Its ``lr`` is NeST's; each baseline keeps its own unless ``--lr`` sets it.
+        """
+        from ..train.recipes import apply_recipe
+
         tc = self.train_config or TrainConfig()
         over: dict[str, Any] = {"model": self.model, "out": str(Path(self.out_dir) / "nest" / "artifact" / "policy.nestpatch")}
         if tc.seed is None:
             over["seed"] = 0
         if self.threads:
             over["threads"] = int(self.threads)
-        return tc.merged(over).resolved()
+        merged = tc.merged(over)
+        return apply_recipe(merged)[0].resolved()
 
 
 def machine() -> dict[str, Any]:

@@ -100,9 +100,17 @@ def config_file_keys(path: str | Path) -> set[str]:
 
 
 def explicit_fields(cfg: TrainConfig) -> set[str]:
-    """Fields that differ from the dataclass defaults: what a library caller set (the CLI knows better)."""
+    """Fields that differ from the dataclass defaults: what a library caller set (the CLI knows better).
+
+    A value equal to the selected recipe's own is not counted: a config that already went through
+    :func:`apply_recipe` (the bench shares one with every method) then records the recipe as
+    applied, not as overridden by itself.
+    """
     default = TrainConfig()
-    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    name = cfg.recipe if cfg.recipe in RECIPES else recipe_for(cfg.model) if cfg.recipe == AUTO else None
+    own = RECIPES[name].settings if name else {}
+    return {f.name for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(default, f.name) and not (f.name in own and getattr(cfg, f.name) == own[f.name])}
 
 
 def apply_recipe(cfg: TrainConfig, explicit: set[str] | None = None) -> tuple[TrainConfig, dict]:
