@@ -396,10 +396,8 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
                          holdout=probe_holdout, seed=seed, standardize=probe_standardize, progress=pbar)
         scores = fit.weights
         epochs = fit.epochs
-    elif detector == "gatebreaker":
-        scores = {n: raw_mean_diff_scores(x, labels) for n, x in acts.items()}
     else:
-        scores = {n: mean_diff_scores(_standardize(x), labels) for n, x in acts.items()}
+        scores = gap_scores(acts, labels, detector)
     sel = []
     for r in refs:
         x = acts[r.hf_name]
@@ -409,8 +407,91 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
             ms.train_accuracy, ms.heldout_accuracy = fit.train_accuracy[r.hf_name], fit.heldout_accuracy[r.hf_name]
         sel.append(ms)
     det = Detection(detector, float(threshold), sel, len(harmful), len(benign), epochs)
+    _check_selected(det, threshold, min_weight, len(refs))
+    log.info("detection kept %d of %d neurons", det.total_selected, sum(m.n_neurons for m in sel))
+    return det
+
+
+def gap_scores(acts: dict[str, np.ndarray], labels: np.ndarray, detector: str) -> dict[str, np.ndarray]:
+    """Per-module neuron scores of the closed-form detectors (``mean_diff``, ``gatebreaker``)."""
+    if detector == "gatebreaker":
+        return {n: raw_mean_diff_scores(x, labels) for n, x in acts.items()}
+    return {n: mean_diff_scores(_standardize(x), labels) for n, x in acts.items()}
+
+
+def _check_selected(det: Detection, threshold: float, min_weight: float, n_modules: int) -> None:
     if det.total_selected == 0:
         raise InputError(f"no neuron passed the selection (z-score > {threshold} and score > {min_weight}) in any of "
-                         f"{len(refs)} modules; try a lower --threshold (e.g. {max(0.5, threshold - 1):g}) or more prompts")
-    log.info("detection kept %d of %d neurons", det.total_selected, sum(m.n_neurons for m in sel))
+                         f"{n_modules} modules; try a lower --threshold (e.g. {max(0.5, threshold - 1):g}) or more prompts")
+
+
+def _subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if not k or k >= n else np.sort(rng.choice(n, size=k, replace=False))
+
+
+def detect_consensus(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], *, per_role: int,
+                     resamples: int, consensus: float, modules: Sequence[str] = ("gate_proj", "up_proj"),
+                     layers: Sequence[int] | None = None, detector: str = "mean_diff", threshold: float = 3.0,
+                     min_weight: float = 0.0, max_neurons_per_module: int = 0, pool: str = "max", batch_size: int = 16,
+                     max_length: int = 256, seed: int = 0, progress: Callable[[str, int, int], Any] | None = None,
+                     cache: dict | None = None) -> Detection:
+    """Stability selection: keep the neurons that ``detect`` picks on most subsamples of the prompts.
+
+    Why: which neurons one detection sample yields decides most of a patch's ASR (a 3 x 3 cross
+    of neuron set and training seed on SmolLM2: 57% of the variance, docs/RESULTS.md), so a
+    neuron picked on one sample of 128 prompts a role but not on the next is a coin flip in the
+    recipe. Here every prompt is pooled once; each of ``resamples`` seeded subsamples of
+    ``per_role`` prompts a role is scored and thresholded as ``detect`` would; a neuron is kept
+    when at least ``consensus`` of the subsamples chose it. Its recorded score and the profiles
+    the clustering reads are over every prompt.
+
+    Only the closed-form detectors: ``probe`` would fit ``resamples`` probes per module.
+
+    Raises:
+        InputError: the probe detector, bad ``resamples``/``consensus``, empty prompt sets, or no neuron kept.
+    """
+    if detector not in ("mean_diff", "gatebreaker"):
+        raise InputError(f"--detect-resamples needs the mean_diff or gatebreaker detector, not {detector!r}")
+    if resamples < 1 or not 0.0 < consensus <= 1.0:
+        raise InputError(f"--detect-resamples must be >= 1 (got {resamples}) and --detect-consensus in (0, 1] (got {consensus})")
+    if not harmful or not benign:
+        raise InputError(f"detection needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} benign")
+    refs = mlp_refs(model, modules, layers)
+    prompts = list(harmful) + list(benign)
+    labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
+    key = (tuple(prompts), tuple(r.hf_name for r in refs), pool, max_length)
+    acts = cache.get(key) if cache is not None else None
+    if acts is None:
+        bar = progress("activations", len(prompts), 1) if progress else None
+        acts = pooled_activations(model, tokenizer, prompts, refs, batch_size=batch_size, max_length=max_length, pool=pool,
+                                  progress=bar)
+        if cache is not None:
+            cache[key] = acts
+    rng = np.random.default_rng(seed)
+    counts = {r.hf_name: np.zeros(acts[r.hf_name].shape[1], dtype=np.int64) for r in refs}
+    picked = []
+    for _ in range(resamples):
+        rows = np.concatenate([_subsample(len(harmful), per_role, rng), len(harmful) + _subsample(len(benign), per_role, rng)])
+        sub = gap_scores({n: x[rows] for n, x in acts.items()}, labels[rows], detector)
+        n_sel = 0
+        for r in refs:
+            idx = select(sub[r.hf_name], threshold, min_weight, max_neurons_per_module)
+            counts[r.hf_name][idx] += 1
+            n_sel += len(idx)
+        picked.append(n_sel)
+    need = max(1, int(np.ceil(consensus * resamples - 1e-9)))
+    full = gap_scores(acts, labels, detector)
+    sel = []
+    for r in refs:
+        idx = np.flatnonzero(counts[r.hf_name] >= need).astype(np.int64)
+        x = acts[r.hf_name]
+        sel.append(ModuleSelection(r, int(x.shape[1]), idx, full[r.hf_name][idx], x[:, idx].copy()))
+    union = int(sum((c > 0).sum() for c in counts.values()))
+    det = Detection(detector, float(threshold), sel, len(harmful), len(benign), 0,
+                    extra={"consensus": {"resamples": resamples, "min_share": consensus, "min_count": need,
+                                         "prompts_per_resample": per_role, "selected_per_resample": picked,
+                                         "selected_in_any": union}})
+    _check_selected(det, threshold, min_weight, len(refs))
+    log.info("consensus detection kept %d neurons chosen in >= %d of %d subsamples (each chose %d-%d; %d in any)",
+             det.total_selected, need, resamples, min(picked), max(picked), union)
     return det

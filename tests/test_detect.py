@@ -214,3 +214,39 @@ def test_detect_bad_inputs(planted: Any, tok: Any) -> None:
 def test_format_prompt_uses_the_chat_template(tok: Any) -> None:
     text = format_prompt(tok, "Hello")
     assert "<|im_start|>user\nHello<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_consensus_keeps_what_most_subsamples_choose(planted: Any, tok: Any) -> None:
+    """Stability selection: share 1/B keeps the union, share 1 the intersection, the planted pair survives both."""
+    from nestpatch.detect import detect_consensus
+
+    cache: dict = {}
+    kw = dict(per_role=6, resamples=6, detector="mean_diff", threshold=2.0, seed=3, cache=cache)
+    runs = {q: detect_consensus(planted, tok, HARMFUL, BENIGN, consensus=q, **kw) for q in (1 / 6, 0.5, 1.0)}
+    assert len(cache) == 1  # every prompt pooled once, shared by every share
+    kept = {q: {(m.name, i) for m in d.modules for i in m.indices.tolist()} for q, d in runs.items()}
+    rec = runs[0.5].stats()["consensus"]
+    assert rec["resamples"] == 6 and rec["min_count"] == 3 and len(rec["selected_per_resample"]) == 6
+    assert len(kept[1 / 6]) == rec["selected_in_any"]
+    assert kept[1.0] <= kept[0.5] <= kept[1 / 6]
+    assert len(kept[1.0]) < len(kept[1 / 6])  # the subsamples disagree on some neurons, or this test shows nothing
+    assert min(rec["selected_per_resample"]) >= len(kept[1.0])
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert {(gate, i) for i in PLANTED} <= kept[1.0]
+    g0 = next(m for m in runs[0.5].modules if m.name == gate)
+    assert g0.profiles.shape == (len(HARMFUL) + len(BENIGN), len(g0.indices))  # clustering reads every prompt
+    again = detect_consensus(planted, tok, HARMFUL, BENIGN, consensus=0.5, **kw)
+    assert [m.indices.tolist() for m in again.modules] == [m.indices.tolist() for m in runs[0.5].modules]
+
+
+def test_consensus_of_one_full_sample_is_plain_detection(planted: Any, tok: Any) -> None:
+    from nestpatch.detect import detect_consensus
+
+    plain = detect(planted, tok, HARMFUL, BENIGN, detector="gatebreaker", threshold=2.0)
+    one = detect_consensus(planted, tok, HARMFUL, BENIGN, per_role=0, resamples=1, consensus=1.0, detector="gatebreaker",
+                           threshold=2.0)
+    assert [m.indices.tolist() for m in one.modules] == [m.indices.tolist() for m in plain.modules]
+    with pytest.raises(InputError, match="mean_diff or gatebreaker"):
+        detect_consensus(planted, tok, HARMFUL, BENIGN, per_role=6, resamples=3, consensus=0.5, detector="probe")
+    with pytest.raises(InputError, match="detect-consensus"):
+        detect_consensus(planted, tok, HARMFUL, BENIGN, per_role=6, resamples=3, consensus=0.0)

@@ -292,6 +292,24 @@ def test_cli_neurons_from_a_patch_of_another_model_is_refused(trained: Any, tmp_
     assert r.exit_code == 2 and "junk.nestpatch" in r.output.strip().splitlines()[-1]
 
 
+def test_consensus_detection_trains_and_records_its_subsamples(pico_dir: Path, tmp_path: Path) -> None:
+    from nestpatch.train.pipeline import train_policy
+
+    res = train_policy(_cfg(pico_dir, tmp_path / "c.nestpatch", detect_prompts=8, detect_resamples=4, detect_consensus=0.75,
+                            steps=2))
+    patch = read_patch(res.paths.patch)
+    det = patch.provenance[ProvenanceKey.DETECTION]
+    rec = det["consensus"]
+    assert rec["resamples"] == 4 and rec["min_count"] == 3 and rec["prompts_per_resample"] == 8
+    assert det["prompts"] == {"harmful": 16, "benign": 16}  # every training prompt pooled once
+    assert det["selected"] == patch.n_neurons <= rec["selected_in_any"]
+    # the new options leave the fingerprints of earlier checkpoints and bench caches alone at their defaults
+    # (the value the code gave before they existed)
+    plain = TrainConfig(model="smollm2", out="o.nestpatch", seed=1)
+    assert plain.fingerprint() == "485580ccafb60ff5"
+    assert TrainConfig(model="smollm2", out="o.nestpatch", seed=1, detect_resamples=2).fingerprint() != plain.fingerprint()
+
+
 def test_nan_loss_stops_without_writing_a_patch(pico_dir: Path, tmp_path: Path) -> None:
     from nestpatch.train.pipeline import train_policy
 
@@ -340,6 +358,8 @@ def test_cli_train_with_config_file_and_flag_override(pico_dir: Path, tmp_path: 
     (["--harmful", "{tmp}/h.jsonl", "--harmful-column", "goal"], "no column 'goal'"),
     (["--benign", "{tmp}/empty.txt"], "holds no prompts"),
     (["--threshold", "1000"], "lower --threshold"),
+    (["--detect-resamples", "3", "--detector", "probe"], "mean_diff or gatebreaker"),
+    (["--detect-consensus", "0"], "--detect-consensus in (0, 1]"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_no_output(pico_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
     from nestpatch.cli import cli

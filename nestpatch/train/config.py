@@ -53,6 +53,12 @@ def read_toml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{p}: invalid TOML ({e})") from None
 
+
+#: Options added after checkpoints and bench data caches were first keyed by
+#: :meth:`TrainConfig.fingerprint`: left out of it at their defaults, so those stay valid.
+_LATER_FIELDS = ("detect_resamples", "detect_consensus")
+
+
 @dataclass
 class TrainConfig:
     """Everything ``nestpatch train`` needs. Defaults are the measured defaults of docs/RESULTS.md."""
@@ -68,6 +74,10 @@ class TrainConfig:
     benign_column: str | None = _f(None, "Column/field holding the prompt in --benign files.", group="data")
     max_prompts: int = _f(256, "Use at most this many prompts per role (sampled under --seed, in proportion to each source); 0 = all.", group="data")
     detect_prompts: int = _f(128, "Prompts per role used for detection (a seeded sample of the training prompts); 0 = all.", group="data")
+    detect_resamples: int = _f(1, "Stability selection: detect on this many seeded samples of --detect-prompts a role (every "
+                                  "training prompt pooled once) and keep the neurons that at least --detect-consensus of them "
+                                  "choose; 1 = one sample.", group="detect")
+    detect_consensus: float = _f(0.5, "With --detect-resamples > 1: the share of samples that must choose a neuron.", group="detect")
     policy_name: str = _f("nestpatch-policy", "Policy name recorded in the patch.", group="io")
     policy_version: str = _f("0.1.0", "Policy version recorded in the patch.", group="io")
     policy_description: str = _f("Refuse harmful requests; answer benign ones as before.", "Policy description recorded in the patch.", group="io")
@@ -179,6 +189,11 @@ class TrainConfig:
         for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise InputError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.detect_resamples < 1 or not 0.0 < self.detect_consensus <= 1.0:
+            raise InputError(f"--detect-resamples must be at least 1 and --detect-consensus in (0, 1]; got "
+                             f"{self.detect_resamples} and {self.detect_consensus}")
+        if self.detect_resamples > 1 and self.detector == "probe":
+            raise InputError("--detect-resamples needs the mean_diff or gatebreaker detector (probe would fit a probe per sample)")
         for name in ("max_prompts", "detect_prompts", "warmup_steps", "checkpoint_every", "threads", "max_neurons_per_module",
                      "retain_weight", "weight_decay", "max_grad_norm", "head_tokens", "head_weight",
                      "benign_refusal_weight"):
@@ -215,7 +230,9 @@ class TrainConfig:
                                                      "device_map", "out", "steps", "policy_name", "policy_version",
                                                      "policy_description", "delta_dtype", "activation_checkpointing")) -> str:
         """Hash of the settings that change the training trajectory (checked by ``--resume``)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        default = TrainConfig()
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in ignore and not (k in _LATER_FIELDS and v == getattr(default, k))}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

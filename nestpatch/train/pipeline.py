@@ -26,7 +26,7 @@ from ..atomic import write_bytes_atomic
 from ..cluster import cluster_modules
 from ..data import PromptSet, eval_prompt_index, load_many, normalise
 from ..data.sources import BUILTIN_DIR
-from ..detect import detect
+from ..detect import detect, detect_consensus
 from ..errors import InputError
 from ..fingerprint import attach_sketches
 from ..format import Patch, write_patch
@@ -182,12 +182,16 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
         return neurons_from_patch(lm, cfg.neurons)
     bars = bars or _Bars(False)
     seed = int(cfg.seed or 0)
-    dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
-    det = detect(lm.model, lm.tokenizer, dh, db, modules=cfg.modules, layers=cfg.layers or None, detector=cfg.detector,
-                 threshold=cfg.threshold, min_weight=cfg.min_weight, max_neurons_per_module=cfg.max_neurons_per_module,
-                 pool=cfg.pool, batch_size=cfg.batch_size_detect, max_length=cfg.max_length, probe_epochs=cfg.probe_epochs,
-                 probe_lr=cfg.probe_lr, probe_weight_decay=cfg.probe_weight_decay, probe_standardize=cfg.probe_standardize,
-                 seed=seed, progress=bars.counter, cache=cache)
+    common = dict(modules=cfg.modules, layers=cfg.layers or None, detector=cfg.detector, threshold=cfg.threshold,
+                  min_weight=cfg.min_weight, max_neurons_per_module=cfg.max_neurons_per_module, pool=cfg.pool,
+                  batch_size=cfg.batch_size_detect, max_length=cfg.max_length, seed=seed, progress=bars.counter, cache=cache)
+    if cfg.detect_resamples > 1:
+        det = detect_consensus(lm.model, lm.tokenizer, harmful, benign, per_role=cfg.detect_prompts,
+                               resamples=cfg.detect_resamples, consensus=cfg.detect_consensus, **common)
+    else:
+        dh, db = _sample(harmful, cfg.detect_prompts, seed), _sample(benign, cfg.detect_prompts, seed + 1)
+        det = detect(lm.model, lm.tokenizer, dh, db, probe_epochs=cfg.probe_epochs, probe_lr=cfg.probe_lr,
+                     probe_weight_decay=cfg.probe_weight_decay, probe_standardize=cfg.probe_standardize, **common)
     bars.close()
     kept = [m for m in det.modules if len(m.indices)]
     clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max, seed=seed)
