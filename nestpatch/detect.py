@@ -379,16 +379,9 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
     if not harmful or not benign:
         raise InputError(f"detection needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} benign")
     refs = mlp_refs(model, modules, layers)
-    prompts = list(harmful) + list(benign)
     labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
-    key = (tuple(prompts), tuple(r.hf_name for r in refs), pool, max_length)
-    acts = cache.get(key) if cache is not None else None
-    if acts is None:
-        bar = progress("activations", len(prompts), 1) if progress else None
-        acts = pooled_activations(model, tokenizer, prompts, refs, batch_size=batch_size, max_length=max_length, pool=pool,
-                                  progress=bar)
-        if cache is not None:
-            cache[key] = acts
+    acts = _cached_activations(model, tokenizer, list(harmful) + list(benign), refs, pool=pool, max_length=max_length,
+                               batch_size=batch_size, progress=progress, cache=cache)
     epochs = 0
     if detector == "probe":
         pbar = progress("probes", probe_epochs, 1) if progress else None
@@ -410,6 +403,20 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
     _check_selected(det, threshold, min_weight, len(refs))
     log.info("detection kept %d of %d neurons", det.total_selected, sum(m.n_neurons for m in sel))
     return det
+
+
+def _cached_activations(model: Any, tokenizer: Any, prompts: list[str], refs: Sequence[MLPRef], *, pool: str, max_length: int,
+                        batch_size: int, progress: Callable[[str, int, int], Any] | None, cache: dict | None) -> dict[str, np.ndarray]:
+    """Pooled activations of ``prompts``, from ``cache`` when it holds them (keyed by all they depend on)."""
+    key = (tuple(prompts), tuple(r.hf_name for r in refs), pool, max_length)
+    acts = cache.get(key) if cache is not None else None
+    if acts is None:
+        bar = progress("activations", len(prompts), 1) if progress else None
+        acts = pooled_activations(model, tokenizer, prompts, refs, batch_size=batch_size, max_length=max_length, pool=pool,
+                                  progress=bar)
+        if cache is not None:
+            cache[key] = acts
+    return acts
 
 
 def gap_scores(acts: dict[str, np.ndarray], labels: np.ndarray, detector: str) -> dict[str, np.ndarray]:
@@ -457,16 +464,9 @@ def detect_consensus(model: Any, tokenizer: Any, harmful: Sequence[str], benign:
     if not harmful or not benign:
         raise InputError(f"detection needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} benign")
     refs = mlp_refs(model, modules, layers)
-    prompts = list(harmful) + list(benign)
     labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
-    key = (tuple(prompts), tuple(r.hf_name for r in refs), pool, max_length)
-    acts = cache.get(key) if cache is not None else None
-    if acts is None:
-        bar = progress("activations", len(prompts), 1) if progress else None
-        acts = pooled_activations(model, tokenizer, prompts, refs, batch_size=batch_size, max_length=max_length, pool=pool,
-                                  progress=bar)
-        if cache is not None:
-            cache[key] = acts
+    acts = _cached_activations(model, tokenizer, list(harmful) + list(benign), refs, pool=pool, max_length=max_length,
+                               batch_size=batch_size, progress=progress, cache=cache)
     rng = np.random.default_rng(seed)
     counts = {r.hf_name: np.zeros(acts[r.hf_name].shape[1], dtype=np.int64) for r in refs}
     picked = []
