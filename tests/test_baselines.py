@@ -397,3 +397,40 @@ def test_bench_shares_a_named_models_recipe_with_every_method(tmp_path: Path) ->
     mine = BenchConfig(model=q05, out_dir=str(tmp_path / "c"), train_config=TrainConfig(batch_size=3)).shared_train_config()
     assert mine.batch_size == 3 and mine.steps == recipe["steps"]
     assert BenchConfig(model="smollm2", out_dir=str(tmp_path / "d")).shared_train_config().steps == TrainConfig().steps
+
+
+def test_fold_into_a_qwen2_gguf_matches_torch_in_llama_cpp(tmp_path: Path) -> None:
+    """The Qwen models' architecture: q/k rows stay unpermuted and the q/k/v biases map to GGUF names.
+
+    The bench failed on Qwen2.5-Coder-0.5B here (llama only), after an hour of training and evaluation.
+    """
+    import torch
+
+    from nestpatch.baselines.fold import fold_into_gguf
+    from nestpatch.runtime.llama_session import LlamaSession
+    from nestpatch.testing import make_pico_model, write_gguf
+
+    base = make_pico_model(seed=11, arch="qwen2")
+    base_path = write_gguf(base, tmp_path / "qwen2.gguf")
+    merged = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+                     "model.layers.1.self_attn.k_proj.bias"):
+            p = merged.get_parameter(name)
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    out = tmp_path / "folded.gguf"
+    info = fold_into_gguf(base_path, base, merged, out)
+    assert info["changed_tensors"] == 3 and info["retyped"] == []
+    ids = [1, 200, 300, 400, 500, 600]
+    with torch.no_grad():
+        want = merged(torch.tensor([ids])).logits[0].numpy()
+        before = base(torch.tensor([ids])).logits[0].numpy()
+    got = {}
+    for path in (base_path, out):
+        with LlamaSession(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1) as s:
+            got[path] = s.logits(ids)
+    # the pico writer and the fold both agree with torch, and the fold is far closer to the change than the base
+    assert np.abs(got[base_path] - before).max() < 2e-2 * np.abs(before).max()
+    assert np.abs(got[out] - want).max() < 2e-2 * np.abs(want).max()
+    assert np.abs(got[out] - want).max() < 0.2 * np.abs(before - want).max()

@@ -8,8 +8,8 @@ types as the base, and speed differences are not type differences). For a base g
 directory, the folded form is an HF directory written by transformers.
 
 Tensor names and layouts follow llama.cpp's converter (gguf-py's name map; the Q/K row
-permutation of the llama architecture). Other GGUF architectures raise UnsupportedError and the
-bench falls back to measuring tokens/s in torch.
+permutation of the llama architecture, none for qwen2). Other GGUF architectures raise
+UnsupportedError and the bench falls back to an HF directory.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from ..errors import UnsupportedError
 
 log = logging.getLogger(__name__)
 
-#: GGUF architectures whose tensors we can map (and permute) from HF names.
-SUPPORTED_GGUF_ARCHS = ("llama",)
+#: GGUF architecture -> whether llama.cpp's converter permutes its q/k rows (llama does, qwen2 does not).
+QK_PERMUTED: dict[str, bool] = {"llama": True, "qwen2": False}
+#: GGUF architectures whose tensors we can map from HF names.
+SUPPORTED_GGUF_ARCHS = tuple(QK_PERMUTED)
 
 
 def changed_parameters(base: Any, merged: Any) -> dict[str, np.ndarray]:
@@ -62,7 +64,9 @@ def gguf_tensor_name(hf_name: str, arch: str, n_layers: int) -> str:
     return mapped
 
 
-def _gguf_layout_values(hf_name: str, arr: np.ndarray, config: Any) -> np.ndarray:
+def _gguf_layout_values(hf_name: str, arr: np.ndarray, config: Any, arch: str) -> np.ndarray:
+    if not QK_PERMUTED[arch]:
+        return arr
     if hf_name.endswith("q_proj.weight"):
         return permute_qk(arr, int(config.num_attention_heads))
     if hf_name.endswith("k_proj.weight"):
@@ -94,7 +98,7 @@ def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, o
         ``{"changed_tensors", "retyped", "bytes"}``.
 
     Raises:
-        UnsupportedError: not a llama-architecture GGUF, or a changed tensor the file lacks.
+        UnsupportedError: a GGUF architecture other than llama and qwen2, or a changed tensor the file lacks.
     """
     import gguf
 
@@ -106,7 +110,7 @@ def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, o
     cfg = merged.config
     n_layers = int(cfg.num_hidden_layers)
     changed = changed_parameters(base_model, merged)
-    by_gguf = {gguf_tensor_name(k, arch, n_layers): _gguf_layout_values(k, v, cfg) for k, v in changed.items()}
+    by_gguf = {gguf_tensor_name(k, arch, n_layers): _gguf_layout_values(k, v, cfg, arch) for k, v in changed.items()}
     names = {t.name for t in reader.tensors}
     missing = sorted(set(by_gguf) - names)
     if missing:

@@ -124,19 +124,30 @@ def _smollm2_tokenizer_kv() -> tuple[tuple[str, Any, Any, Any], ...]:
 # ------------------------------------------------------------------------------------------ model
 
 
-def make_pico_model(seed: int = 0, **config_overrides: Any) -> Any:
+def make_pico_model(seed: int = 0, *, arch: str = "llama", **config_overrides: Any) -> Any:
     """A random ``LlamaForCausalLM`` (float32, eval mode); defaults in :data:`PICO_DEFAULTS`.
 
+    ``arch="qwen2"`` gives a ``Qwen2ForCausalLM`` of the same shape instead (q/k/v biases, and
+    llama.cpp stores its q/k rows unpermuted): the Qwen models' code paths on a pico model.
     K-quant GGUFs need every row length to be a multiple of 256: use ``hidden_size=256``.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    cfg = LlamaConfig(**{**PICO_DEFAULTS, **config_overrides})
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch not in classes:
+        raise UnsupportedError(f"make_pico_model: architecture {arch!r}; expected one of {', '.join(classes)}")
+    config_cls, model_cls = classes[arch]
+    cfg = config_cls(**{**PICO_DEFAULTS, **config_overrides})
     devnull = torch.random.fork_rng(devices=[])  # leave the caller's global RNG untouched
     with devnull:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = model_cls(cfg)
+        if arch == "qwen2":  # transformers zeroes the biases; random ones make a layout mistake visible
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith(".bias"):
+                        p.normal_(0.0, float(cfg.initializer_range))
     model.to(torch.float32)
     model.eval()
     model.requires_grad_(False)
@@ -186,13 +197,23 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, out_f // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_to_gguf_tensor_name(name: str, n_layers: int) -> str:
+def gguf_arch(config: Any) -> tuple[str, bool]:
+    """``(GGUF architecture, q/k rows permuted?)`` of an HF config (the model types share their GGUF names)."""
+    from ..baselines.fold import QK_PERMUTED
+
+    kind = str(getattr(config, "model_type", "llama"))
+    if kind not in QK_PERMUTED:
+        raise UnsupportedError(f"write_gguf: model type {kind!r}; expected one of {', '.join(QK_PERMUTED)}")
+    return kind, QK_PERMUTED[kind]
+
+
+def _hf_to_gguf_tensor_name(name: str, n_layers: int, arch: str = "llama") -> str:
     import gguf
 
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    got = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    got = gguf.get_tensor_name_map(enum, n_layers).get_name(name, try_suffixes=(".weight", ".bias"))
     if got is None:
-        raise UnsupportedError(f"tensor {name}: no GGUF name for it in the llama name map")
+        raise UnsupportedError(f"tensor {name}: no GGUF name for it in the {arch} name map")
     return got
 
 
@@ -203,6 +224,7 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
     """
     cfg = model.config
     n_layers = int(cfg.num_hidden_layers)
+    arch, permuted = gguf_arch(cfg)
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     out: list[tuple[str, np.ndarray]] = []
@@ -211,17 +233,17 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
             continue
         if "rotary_emb" in name:
             continue
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             arr = permute_qk(arr, int(cfg.num_attention_heads))
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             arr = permute_qk(arr, int(cfg.num_key_value_heads))
-        out.append((_hf_to_gguf_tensor_name(name, n_layers), np.ascontiguousarray(arr, dtype=np.float32)))
+        out.append((_hf_to_gguf_tensor_name(name, n_layers, arch), np.ascontiguousarray(arr, dtype=np.float32)))
     return out
 
 
 def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32",
                tensor_types: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as a llama-architecture GGUF that llama.cpp loads, with SmolLM2's tokenizer.
+    """Write ``model`` as a GGUF that llama.cpp loads (llama or qwen2 architecture), with SmolLM2's tokenizer.
 
     Every 2-D weight is stored as ``qtype``; norms stay F32. A weight whose row length is not a
     multiple of the type's block size is stored as F32 (as llama.cpp's converter falls back).
@@ -250,10 +272,10 @@ def write_gguf(model: Any, out_path: str | os.PathLike, *, qtype: str = "F32",
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
     out = Path(out_path)
-    arch = "llama"
+    arch, _ = gguf_arch(cfg)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name("pico-llama")
+        w.add_name(f"pico-{arch}")
         w.add_type("model")
         w.add_context_length(int(cfg.max_position_embeddings))
         w.add_embedding_length(int(cfg.hidden_size))
