@@ -434,3 +434,16 @@ def test_fold_into_a_qwen2_gguf_matches_torch_in_llama_cpp(tmp_path: Path) -> No
     assert np.abs(got[base_path] - before).max() < 2e-2 * np.abs(before).max()
     assert np.abs(got[out] - want).max() < 2e-2 * np.abs(want).max()
     assert np.abs(got[out] - want).max() < 0.2 * np.abs(before - want).max()
+
+
+def test_a_finished_method_from_before_a_new_train_option_still_resumes(tmp_path: Path) -> None:
+    """A job.json written before a TrainConfig option existed has the same identity as one with it at its default."""
+    from nestpatch.baselines.jobs import Job
+    from nestpatch.train import TrainConfig
+
+    tc = TrainConfig(model="m", out="o.nestpatch", seed=0).to_dict()
+    older = {k: v for k, v in tc.items() if k not in ("detect_resamples", "detect_consensus")}
+    job = Job(method="lora", model="m", out_dir=str(tmp_path), train_config=tc)
+    assert Job(method="lora", model="m", out_dir=str(tmp_path), train_config=older).identity() == job.identity()
+    changed = {**tc, "detect_resamples": 4}
+    assert Job(method="lora", model="m", out_dir=str(tmp_path), train_config=changed).identity() != job.identity()

@@ -83,7 +83,13 @@ class Job:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def identity(self) -> dict:
+        """The settings a finished method must share with a rerun.
+
+        The training config goes through :class:`TrainConfig` first, so an option added since
+        the method ran counts at its default instead of as a difference.
+        """
         d = self.to_dict()
+        d["train_config"] = TrainConfig.from_dict(d["train_config"], label=f"{self.out_dir}/{JOB_FILE}").to_dict()
         return {k: d[k] for k in IDENTITY_KEYS}
 
     @property
