@@ -282,6 +282,8 @@ def test_cli_runs_each_method_in_its_own_process(pico_hf_dir: Path, tmp_path: Pa
     row = json.loads((out / "results.json").read_text())["rows"]["lora"]
     assert row["peak_rss_mb"] > 100 and "ru_maxrss" in row["details"]["peak_rss_source"]
     assert row["asr"]["harmbench"] is not None and row["kl"] is not None
+    md = (out / "results.md").read_text()
+    assert "- tok/s: not measured in this run (`--no-speed`)." in md and "?-token" not in md
     bad = CliRunner().invoke(cli, args[:-2] + ["--suites", "harmbench,nosuch"], obj={})
     assert bad.exit_code == 2 and "unknown suite 'nosuch'" in bad.output
 

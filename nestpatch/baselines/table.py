@@ -222,9 +222,10 @@ def render_markdown(table: dict) -> str:
             "targets and the base answers for the retain term are shared by all methods and not counted.",
             "- Peak RSS is the resident memory peak of the training process (model, optimizer, activations); on a GPU the "
             "peak of torch's GPU allocations is added in brackets.",
-            f"- tok/s: greedy decode of the folded model at batch 1, a fixed {sp.get('new_tokens', '?')}-token continuation "
-            f"(prompt not timed), median of {sp.get('rounds', '?')} interleaved rounds; folded GGUFs keep the base file's tensor "
-            "types (only changed tensors are re-encoded), so differences are noise of the shared machine unless large.",
+            (f"- tok/s: greedy decode of the folded model at batch 1, a fixed {sp['new_tokens']}-token continuation "
+             f"(prompt not timed), median of {sp['rounds']} interleaved rounds; folded GGUFs keep the base file's tensor "
+             "types (only changed tensors are re-encoded), so differences are noise of the shared machine unless large."
+             if "new_tokens" in sp and "rounds" in sp else "- tok/s: not measured in this run (`--no-speed`)."),
             "- A refusal-phrase judge counts broken or off-topic text as compliance: circuit breakers, whose rerouted "
             "outputs are often broken text rather than refusals, are judged pessimistically by it.",
             "", "Targets:", ""]
