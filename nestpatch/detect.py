@@ -376,12 +376,8 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
     """
     if detector not in DETECTORS:
         raise InputError(f"unknown detector {detector!r}; expected one of {DETECTORS}")
-    if not harmful or not benign:
-        raise InputError(f"detection needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} benign")
-    refs = mlp_refs(model, modules, layers)
-    labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
-    acts = _cached_activations(model, tokenizer, list(harmful) + list(benign), refs, pool=pool, max_length=max_length,
-                               batch_size=batch_size, progress=progress, cache=cache)
+    refs, labels, acts = _labelled_activations(model, tokenizer, harmful, benign, modules=modules, layers=layers, pool=pool,
+                                               max_length=max_length, batch_size=batch_size, progress=progress, cache=cache)
     epochs = 0
     if detector == "probe":
         pbar = progress("probes", probe_epochs, 1) if progress else None
@@ -405,9 +401,19 @@ def detect(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[
     return det
 
 
-def _cached_activations(model: Any, tokenizer: Any, prompts: list[str], refs: Sequence[MLPRef], *, pool: str, max_length: int,
-                        batch_size: int, progress: Callable[[str, int, int], Any] | None, cache: dict | None) -> dict[str, np.ndarray]:
-    """Pooled activations of ``prompts``, from ``cache`` when it holds them (keyed by all they depend on)."""
+def _labelled_activations(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], *, modules: Sequence[str],
+                          layers: Sequence[int] | None, pool: str, max_length: int, batch_size: int,
+                          progress: Callable[[str, int, int], Any] | None,
+                          cache: dict | None) -> tuple[list[MLPRef], np.ndarray, dict[str, np.ndarray]]:
+    """``(hooked modules, labels (1 = harmful), pooled activations)`` of harmful then benign prompts.
+
+    The activations come from ``cache`` when it holds them (keyed by all they depend on).
+    """
+    if not harmful or not benign:
+        raise InputError(f"detection needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} benign")
+    refs = mlp_refs(model, modules, layers)
+    labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
+    prompts = list(harmful) + list(benign)
     key = (tuple(prompts), tuple(r.hf_name for r in refs), pool, max_length)
     acts = cache.get(key) if cache is not None else None
     if acts is None:
@@ -416,7 +422,7 @@ def _cached_activations(model: Any, tokenizer: Any, prompts: list[str], refs: Se
                                   progress=bar)
         if cache is not None:
             cache[key] = acts
-    return acts
+    return refs, labels, acts
 
 
 def gap_scores(acts: dict[str, np.ndarray], labels: np.ndarray, detector: str) -> dict[str, np.ndarray]:
@@ -461,12 +467,8 @@ def detect_consensus(model: Any, tokenizer: Any, harmful: Sequence[str], benign:
         raise InputError(f"--detect-resamples needs the mean_diff or gatebreaker detector, not {detector!r}")
     if resamples < 1 or not 0.0 < consensus <= 1.0:
         raise InputError(f"--detect-resamples must be >= 1 (got {resamples}) and --detect-consensus in (0, 1] (got {consensus})")
-    if not harmful or not benign:
-        raise InputError(f"detection needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} benign")
-    refs = mlp_refs(model, modules, layers)
-    labels = np.array([1] * len(harmful) + [0] * len(benign), dtype=np.int64)
-    acts = _cached_activations(model, tokenizer, list(harmful) + list(benign), refs, pool=pool, max_length=max_length,
-                               batch_size=batch_size, progress=progress, cache=cache)
+    refs, labels, acts = _labelled_activations(model, tokenizer, harmful, benign, modules=modules, layers=layers, pool=pool,
+                                               max_length=max_length, batch_size=batch_size, progress=progress, cache=cache)
     rng = np.random.default_rng(seed)
     counts = {r.hf_name: np.zeros(acts[r.hf_name].shape[1], dtype=np.int64) for r in refs}
     picked = []
