@@ -25,6 +25,7 @@ import numpy as np
 
 from ..assets import fetch, home
 from ..atomic import atomic_dir, atomic_path
+from ..baselines.fold import QK_PERMUTED, gguf_tensor_name, permute_qk  # the converter's layout, one home
 from ..errors import UnsupportedError
 from ..format.constants import AXIS_ROW
 from ..format.patch import Patch, Target
@@ -181,16 +182,6 @@ def write_hf_dir(model: Any, out_dir: str | os.PathLike, *, dtype: str = "float3
 # ------------------------------------------------------------------------------------------ GGUF
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF q_proj/k_proj rows -> llama.cpp order (``(out, in)``; rows of each head interleaved).
-
-    HF rotates the two halves of each head (rotate_half); llama.cpp rotates adjacent pairs. The
-    row order ``[h, half, i]`` becomes ``[h, i, half]``.
-    """
-    out_f = w.shape[0]
-    return w.reshape(n_head, 2, out_f // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of :func:`permute_qk` (llama.cpp order -> HF order)."""
     out_f = w.shape[0]
@@ -199,22 +190,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_arch(config: Any) -> tuple[str, bool]:
     """``(GGUF architecture, q/k rows permuted?)`` of an HF config (the model types share their GGUF names)."""
-    from ..baselines.fold import QK_PERMUTED
-
     kind = str(getattr(config, "model_type", "llama"))
     if kind not in QK_PERMUTED:
         raise UnsupportedError(f"write_gguf: model type {kind!r}; expected one of {', '.join(QK_PERMUTED)}")
     return kind, QK_PERMUTED[kind]
-
-
-def _hf_to_gguf_tensor_name(name: str, n_layers: int, arch: str = "llama") -> str:
-    import gguf
-
-    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    got = gguf.get_tensor_name_map(enum, n_layers).get_name(name, try_suffixes=(".weight", ".bias"))
-    if got is None:
-        raise UnsupportedError(f"tensor {name}: no GGUF name for it in the {arch} name map")
-    return got
 
 
 def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
@@ -237,7 +216,7 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
             arr = permute_qk(arr, int(cfg.num_attention_heads))
         elif permuted and name.endswith("k_proj.weight"):
             arr = permute_qk(arr, int(cfg.num_key_value_heads))
-        out.append((_hf_to_gguf_tensor_name(name, n_layers, arch), np.ascontiguousarray(arr, dtype=np.float32)))
+        out.append((gguf_tensor_name(name, arch, n_layers), np.ascontiguousarray(arr, dtype=np.float32)))
     return out
 
 
