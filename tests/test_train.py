@@ -310,6 +310,31 @@ def test_consensus_detection_trains_and_records_its_subsamples(pico_dir: Path, t
     assert TrainConfig(model="smollm2", out="o.nestpatch", seed=1, detect_resamples=2).fingerprint() != plain.fingerprint()
 
 
+def test_cluster_seed_moves_the_clusters_and_nothing_else(pico_dir: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from nestpatch.models.loading import load_model
+    from nestpatch.train.pipeline import load_training_prompts, merge_prompt_sets, select_neurons
+
+    cfg = _cfg(pico_dir, tmp_path / "k.nestpatch", threshold=1.0).resolved()
+    lm = load_model(str(pico_dir))
+    h_sets, b_sets = load_training_prompts(cfg)
+    harmful, benign = merge_prompt_sets(h_sets)[0], merge_prompt_sets(b_sets)[0]
+
+    def selection(**kw: Any) -> dict[str, tuple[list[int], list[int]]]:
+        specs = select_neurons(lm, dataclasses.replace(cfg, **kw), harmful, benign)[0]
+        return {s.ref.hf_name: (s.indices.tolist(), s.clusters.tolist()) for s in specs}
+
+    default = selection()
+    assert selection(cluster_seed=cfg.seed) == default  # the default is --seed
+    others = [selection(cluster_seed=s) for s in range(4)]
+    for o in others:  # the same neurons in every module...
+        assert {k: v[0] for k, v in o.items()} == {k: v[0] for k, v in default.items()}
+    assert any(o != default for o in others)  # ...grouped differently by some k-means seeds
+    assert sum(len(v[0]) for v in default.values()) > 10
+    assert dataclasses.replace(cfg, cluster_seed=3).fingerprint() != cfg.fingerprint()
+
+
 def test_nan_loss_stops_without_writing_a_patch(pico_dir: Path, tmp_path: Path) -> None:
     from nestpatch.train.pipeline import train_policy
 
@@ -360,6 +385,7 @@ def test_cli_train_with_config_file_and_flag_override(pico_dir: Path, tmp_path: 
     (["--threshold", "1000"], "lower --threshold"),
     (["--detect-resamples", "3", "--detector", "probe"], "mean_diff or gatebreaker"),
     (["--detect-consensus", "0"], "--detect-consensus in (0, 1]"),
+    (["--cluster-seed", "-1"], "--cluster-seed must be at least 0"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_no_output(pico_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
     from nestpatch.cli import cli

@@ -56,7 +56,7 @@ def read_toml(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 #: Options added after checkpoints and bench data caches were first keyed by
 #: :meth:`TrainConfig.fingerprint`: left out of it at their defaults, so those stay valid.
-_LATER_FIELDS = ("detect_resamples", "detect_consensus")
+_LATER_FIELDS = ("detect_resamples", "detect_consensus", "cluster_seed")
 
 
 @dataclass
@@ -101,6 +101,8 @@ class TrainConfig:
     clusters: int | None = _f(None, "Fixed number of clusters per module (default: chosen by silhouette in [k_min, k_max]).", group="detect")
     k_min: int = _f(2, "Smallest k tried by the silhouette search.", group="detect")
     k_max: int = _f(4, "Largest k tried by the silhouette search.", group="detect")
+    cluster_seed: int | None = _f(None, "Seed of k-means alone (default: --seed). Varying it with every other seed fixed "
+                                        "measures what the clustering contributes to a recipe's spread.", group="detect")
     neurons: str | None = _f(None, "Reuse the neurons and clusters of this .nestpatch (made for the same base model) instead of "
                                    "detecting and clustering: a new policy version on the same neurons, so `nestpatch diff` "
                                    "compares deltas, or a run that varies only training. Its targets replace --modules/--layers.",
@@ -205,6 +207,8 @@ class TrainConfig:
             raise InputError(f"--recovery-tokens must be at least 2, got {self.recovery_tokens}")
         if self.clusters is not None and self.clusters < 1:
             raise InputError(f"--clusters must be at least 1, got {self.clusters}")
+        if self.cluster_seed is not None and self.cluster_seed < 0:
+            raise InputError(f"--cluster-seed must be at least 0, got {self.cluster_seed}")
         if self.k_min < 2 or self.k_max < self.k_min:
             raise InputError(f"--k-min/--k-max must satisfy 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if self.seed is not None and not 0 <= self.seed < 2**32:

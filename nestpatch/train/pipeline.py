@@ -194,7 +194,9 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
                      probe_weight_decay=cfg.probe_weight_decay, probe_standardize=cfg.probe_standardize, **common)
     bars.close()
     kept = [m for m in det.modules if len(m.indices)]
-    clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max, seed=seed)
+    cluster_seed = seed if cfg.cluster_seed is None else int(cfg.cluster_seed)
+    clusters = cluster_modules({m.name: m.profiles for m in kept}, k=cfg.clusters, k_min=cfg.k_min, k_max=cfg.k_max,
+                               seed=cluster_seed)
     specs = [TargetSpec(m.ref, m.indices, clusters[m.name].labels) for m in kept]
     cstats = {m.name: {"k": clusters[m.name].k, "chosen_by": clusters[m.name].chosen_by,
                        **({"silhouette": round(clusters[m.name].silhouette, 4)} if not np.isnan(clusters[m.name].silhouette) else {})}
