@@ -159,13 +159,38 @@ def test_llama_backend_folded_compare(pico_gguf, patch_file, files, tmp_path, mo
     assert [p.suffix for p in cache.iterdir()] == [".gguf"]
 
 
+def test_reference_measures_a_folded_file_as_compare_measures_its_patch(pico_gguf, patch_file, tmp_path, monkeypatch):
+    """A model folded elsewhere, evaluated against its base with --reference, gets the KL and flips the patch gets."""
+    import nestpatch.runtime.llama_session as ls
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(ls, "derived_cache_dir", lambda: cache)
+    base = pico_gguf("F32")
+    kw = dict(backend="llama", limit=3, max_new_tokens=5, utility_reply_tokens=4, judges=("parity",), progress=False,
+              n_ctx=256, n_threads=1)
+    with_patch = run_suites(base, patch_file, ["utility", "harmbench"], out_dir=tmp_path / "patch", compare=True, **kw)
+    folded = Path(with_patch["backend"]["sessions"]["patched"]["loaded"])  # the fold's output, as `nestpatch apply` writes it
+    by_ref = run_suites(folded, None, ["utility", "harmbench"], out_dir=tmp_path / "ref", reference=str(base), **kw)
+    assert by_ref["variants"] == ["base", "patched"]
+    assert by_ref["model"]["reference"]["path"] == str(base)
+    kl_patch = with_patch["suites"]["utility"]["patched"]["kl"]
+    assert kl_patch > 1e-4  # the patch moves the model...
+    assert by_ref["suites"]["utility"]["patched"]["kl"] == pytest.approx(kl_patch, rel=1e-6)  # ...and the fold as much
+    assert by_ref["suites"]["harmbench"]["flips"] == with_patch["suites"]["harmbench"]["flips"]
+    same = run_suites(base, None, ["utility"], out_dir=tmp_path / "same", reference=str(base), **kw)
+    assert same["suites"]["utility"]["patched"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(InputError, match="does not take --patch"):
+        run_suites(folded, patch_file, ["utility"], out_dir=tmp_path / "x", reference=str(base), **kw)
+
+
 def _cli(args: list[str]) -> tuple[int, str]:
     r = CliRunner().invoke(cli, args, obj={})
     return r.exit_code, r.output
 
 
 @pytest.mark.parametrize("case", ["missing-column", "empty-suite", "unknown-suite", "other-model", "other-model-llama",
-                                  "compare-without-patch", "llama-on-dir", "bad-gguf"])
+                                  "compare-without-patch", "llama-on-dir", "bad-gguf", "reference-other-model"])
 def test_bad_input_exits_2_with_one_line(case, pico_hf_dir, pico_gguf, pico_model_other, files, tmp_path):
     out = str(tmp_path / "run")
     harm = str(files["harm"])
@@ -192,6 +217,12 @@ def test_bad_input_exits_2_with_one_line(case, pico_hf_dir, pico_gguf, pico_mode
     elif case == "llama-on-dir":
         args = ["eval", str(pico_hf_dir), "--suite", harm, "--backend", "llama", "-o", out]
         want = "the llama backend needs a .gguf file"
+    elif case == "reference-other-model":
+        from nestpatch.testing import make_pico_model
+
+        other = pico_gguf("F32", model=make_pico_model(seed=3, arch="qwen2"))
+        args = ["eval", str(pico_gguf("F32")), "--reference", str(other), "--suite", harm, "--backend", "llama", "-o", out]
+        want = "not a base of"  # architecture qwen2 there, llama here
     else:
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)

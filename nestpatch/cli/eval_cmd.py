@@ -61,7 +61,8 @@ def eval_cmd(model: str, patch: str | None, suites: str, backend: str, out_dir: 
     opts = dataclass_from_options(EvalOptions, settings, exclude=("progress",), progress=progress)
     names = [s.strip() for s in suites.split(",") if s.strip()]
     # the run directory may exist (--resume; the runner refuses a foreign one) but is never an input or the cache
-    inputs.guard_outputs([out_dir], [inputs.model_location(model), patch, opts.judge_model, opts.require_signature], existing_ok=True)
+    inputs.guard_outputs([out_dir], [inputs.model_location(model), patch, opts.judge_model, opts.require_signature,
+                                          opts.reference], existing_ok=True)
     with base_check_skipped(skip_base_check):
         summary = run_suites(model, patch, names, backend=backend, out_dir=out_dir, options=opts)
     out = Path(out_dir)

@@ -52,6 +52,10 @@ class EvalOptions:
         n_threads, n_ctx: llama.cpp settings (threads default to all cores).
         column, file_kind: for suites given as prompt files.
         require_signature: a public key: refuse an unsigned or badly signed patch.
+        reference: a GGUF of the same architecture that MODEL is compared against (llama backend,
+            no patch): MODEL runs as ``patched`` and the reference as ``base``, so KL and flips
+            measure a model fine-tuned or folded elsewhere (a LoRA or full fine-tuning baseline)
+            exactly as they measure a patch.
     """
 
     max_new_tokens: int = _f(64, "Reply length of benign and over-refusal suites.", min=1, max=8192)
@@ -86,6 +90,9 @@ class EvalOptions:
     file_kind: str = _f("harmful", "What suite files hold.", choices=FILE_KINDS)
     require_signature: Any = _f(None, "Refuse a patch not signed with this public key.", flag="--require-signature",
                                 path="file", exists=True, show_default=False)
+    reference: str | None = _f(None, "llama: compare MODEL with this GGUF of the same architecture (its base): MODEL runs as "
+                                     "'patched', the reference as 'base' (KL, flips). Not with --patch.", flag="--reference",
+                               path="file", exists=True, show_default=False)
 
     def __post_init__(self) -> None:
         if self.harmful_max_new_tokens is None:

@@ -461,6 +461,58 @@ def _variants(patch: Patch | None, compare: bool) -> list[str]:
     return [BASE, PATCHED] if compare else [PATCHED]
 
 
+def check_same_architecture(model: Path, reference: Path) -> None:
+    """Refuse a reference GGUF whose architecture, sizes or vocabulary differ from the model's.
+
+    KL compares next-token distributions position by position, so it only means something between
+    two models that share the tokenizer and shape: a fine-tuned or folded copy and its base.
+
+    Raises:
+        InputError: the two files differ in architecture, sizes or vocabulary size.
+    """
+    from ..models.files import describe_gguf
+    from ..models.gguf_layout import parse_layout
+
+    def shape(p: Path) -> dict:
+        layout = parse_layout(p)
+        desc = describe_gguf(layout, str(p))
+        embd = next((t for t in layout.tensors if t.name == "token_embd.weight"), None)
+        return {**desc, "n_vocab": None if embd is None else int(embd.ne[-1])}
+
+    want, got = shape(reference), shape(model)
+    diff = [k for k in want if want[k] != got.get(k)]
+    if diff:
+        k = diff[0]
+        raise InputError(f"{reference}: not a base of {model}: {k} is {want[k]} there and {got.get(k)} in the model")
+
+
+def _run_against_reference(path: Path, model_spec: Any, suites: list[Suite], backend: str, out_dir: str | os.PathLike,
+                           opts: EvalOptions, patch: Patch | None) -> dict:
+    """``--reference``: MODEL as ``patched``, the reference GGUF as ``base``, in llama.cpp."""
+    if patch is not None:
+        raise InputError("--reference compares two model files; it does not take --patch (evaluate the patch with --compare)")
+    if backend not in ("llama", "llama.cpp"):
+        raise UnsupportedError("--reference needs --backend llama (two GGUF files)")
+    ref = Path(opts.reference)  # type: ignore[arg-type]
+    for p in (path, ref):
+        if not (p.is_file() and is_gguf(p)):
+            raise InputError(f"{p}: --reference compares two .gguf files")
+    check_same_architecture(path, ref)
+    judges = build_judges(opts)
+    be = LlamaBackend({BASE: {"model_path": ref}, PATCHED: {"model_path": path}}, n_threads=opts.n_threads, n_ctx=opts.n_ctx,
+                      batch_size=opts.batch_size)
+    model_desc = {"spec": str(model_spec), "path": str(path), "sha256": model_digest(path),
+                  "reference": {"path": str(ref), "sha256": model_digest(ref)}}
+    try:
+        return evaluate_backend(be, suites, out_dir=out_dir, options=opts, judges=judges, model=model_desc, patch=None)
+    finally:
+        be.close()
+        for j in judges:
+            close = getattr(j, "close", None)
+            if close:
+                close()
+
+
 def _load_suites(suites: Sequence[str | Suite], patch: Patch | None, opts: EvalOptions) -> list[Suite]:
     """The given :class:`Suite` objects, then the suites loaded from the given names / prompt files."""
     loaded = [s for s in suites if isinstance(s, Suite)]
@@ -511,10 +563,12 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
     loaded_suites = _load_suites(suites, patch, opts)
     if not loaded_suites:
         raise InputError("no suites given (--suite NAME[,NAME])")
-    variants = _variants(patch, opts.compare)
     path = resolve_model(model_spec)
     if not path.exists():
         raise InputError(f"{path}: no such model file or directory")
+    if opts.reference is not None:
+        return _run_against_reference(path, model_spec, loaded_suites, backend, out_dir, opts, patch)
+    variants = _variants(patch, opts.compare)
     judges = build_judges(opts)
     be: Backend
     if backend == "torch":
