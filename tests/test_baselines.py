@@ -176,6 +176,26 @@ def test_rerun_with_same_settings_reuses_results(bench: tuple[dict, Path], pico_
     assert again["rows"]["lora"]["trainable_parameters"] == table["rows"]["lora"]["trainable_parameters"]
 
 
+def test_validation_suites_fill_the_columns(pico_hf_dir: Path, tmp_path: Path) -> None:
+    """A baseline's settings are chosen on the held-out splits: they fill the same columns as the test suites."""
+    from nestpatch.baselines.bench import BenchConfig, run_bench
+    from nestpatch.data import load_prompts
+
+    suites = ["harmful-heldout", "benign-heldout", "utility-heldout"]
+    cfg = BenchConfig(model=str(pico_hf_dir), out_dir=str(tmp_path / "val"), methods=["nest"], train_config=_tiny_train_config(tmp_path),
+                      limit=2, max_new_tokens=4, eval_batch_size=4, utility_reply_tokens=4, speed=False, isolate=False,
+                      progress=False, suites=suites)
+    table = run_bench(cfg)
+    row = table["rows"]["nest"]
+    assert row["n"] == {"harmful-heldout": 2, "benign-heldout": 2, "utility-heldout": 2}
+    assert 0.0 <= row["benign_refusal"] <= 1.0 and row["kl"] > 0.0 and row["ppl"] is None  # no perplexity texts
+    assert table["rows"]["base"]["benign_refusal"] is not None
+    replies = (tmp_path / "val" / "nest" / "eval" / "samples" / "benign-heldout.patched.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["prompt"] for x in replies) == sorted(load_prompts("builtin-benign-heldout").prompts[:2])
+    md = (tmp_path / "val" / "results.md").read_text()
+    assert "benign refusal (n=2 on benign-heldout)" in md and "KL to base (n=2 on utility-heldout)" in md
+
+
 # ------------------------------------------------------------------------------------------ pieces
 
 

@@ -107,12 +107,12 @@ class BenchConfig:
             raise InputError("--suites: no suite given")
         from ..evaluate.suites import SUITES
 
-        from .jobs import HELDOUT_SUITE
+        from .jobs import HELDOUT_SUITES
 
         for name in self.suites:  # before hours of training, not after
-            if name not in SUITES and name != HELDOUT_SUITE and not Path(name).exists():
+            if name not in SUITES and name not in HELDOUT_SUITES and not Path(name).exists():
                 raise InputError(f"--suites: unknown suite {name!r}: not a file, and not one of "
-                                 f"{', '.join(list(SUITES) + [HELDOUT_SUITE])}")
+                                 f"{', '.join(list(SUITES) + list(HELDOUT_SUITES))}")
             if name == "harmful-train":
                 raise InputError("--suites: harmful-train needs a patch; every method has its own training set here")
         return self

@@ -44,6 +44,13 @@ FOLDED_HF = "folded"
 BASE = "base"
 TRAINED = "patched"
 HELDOUT_SUITE = "harmful-heldout"
+#: The bench's own validation suites (held-out splits of the project's prompts, never trained on):
+#: a baseline's settings (circuit breakers' learning rate) are chosen on these, never on test suites.
+HELDOUT_SUITES = {
+    HELDOUT_SUITE: ("harmful", "builtin-harmful-heldout", "nestpatch's harmful prompts, held-out split (not in any training set)"),
+    "benign-heldout": ("benign", "builtin-benign-heldout", "nestpatch's benign prompts, held-out split (benign refusal on validation)"),
+    "utility-heldout": ("utility", "builtin-benign-heldout", "KL to the base on the benign held-out prompts (no perplexity texts)"),
+}
 #: Settings that must match for a finished method to be reused on a rerun.
 IDENTITY_KEYS = ("method", "model", "train_config", "options", "suites", "eval")
 
@@ -114,25 +121,26 @@ def read_json(path: Path) -> Any:
 # ------------------------------------------------------------------------------------------ suites
 
 
-def heldout_suite() -> Any:
-    """The held-out split of the project's harmful prompts (never trained on): ASR in distribution."""
+def heldout_suite(name: str = HELDOUT_SUITE) -> Any:
+    """One of :data:`HELDOUT_SUITES`: a held-out split of the project's prompts as a suite."""
     from ..data import load_prompts
     from ..evaluate.suites import Sample, Suite
 
-    ps = load_prompts("builtin-harmful-heldout")
-    samples = [Sample(f"heldout:{i:05d}", p, (m or {}).get("category")) for i, (p, m) in enumerate(zip(ps.prompts, ps.meta))]
-    return Suite(HELDOUT_SUITE, "harmful", samples, [{"source": ps.source, "path": str(ps.path), "sha256": ps.sha256,
-                                                       "rows": ps.rows, "prompts": len(ps.prompts)}],
-                 description="nestpatch's harmful prompts, held-out split (not in any training set)")
+    kind, source, description = HELDOUT_SUITES[name]
+    ps = load_prompts(source)
+    prefix = "heldout" if name == HELDOUT_SUITE else name  # harmful-heldout's ids predate the others: kept for resume
+    samples = [Sample(f"{prefix}:{i:05d}", p, (m or {}).get("category")) for i, (p, m) in enumerate(zip(ps.prompts, ps.meta))]
+    return Suite(name, kind, samples, [{"source": ps.source, "path": str(ps.path), "sha256": ps.sha256, "rows": ps.rows,
+                                        "prompts": len(ps.prompts)}], description=description)
 
 
 def load_bench_suites(names: list[str]) -> tuple[list[Any], list[Any]]:
-    """``(generation suites, utility suites)`` by name (``harmful-heldout`` is the bench's own)."""
+    """``(generation suites, utility suites)`` by name (the :data:`HELDOUT_SUITES` are the bench's own)."""
     from ..evaluate.suites import load_suite
 
     gen, util = [], []
     for n in names:
-        s = heldout_suite() if n == HELDOUT_SUITE else load_suite(n)
+        s = heldout_suite(n) if n in HELDOUT_SUITES else load_suite(n)
         (util if s.kind == "utility" else gen).append(s)
     return gen, util
 

@@ -44,8 +44,9 @@ class BenchOptions:
                                 choices=FULL_SCOPES, show_default=False)
     options: tuple[str, ...] = _f((), "Any method option as METHOD.KEY=VALUE, e.g. cb.coefficient=5.", flag="--option",
                                   split=False)
-    suites: list[str] = _f(list(DEFAULT_SUITES), "Evaluation suites (see nestpatch eval; harmful-heldout is the held-out "
-                                                 "split of the training prompts).")
+    suites: list[str] = _f(list(DEFAULT_SUITES), "Evaluation suites (see nestpatch eval). harmful-heldout, benign-heldout "
+                                                 "and utility-heldout are the held-out splits of the training prompts: "
+                                                 "choose a baseline's settings on them, not on test suites.")
     train_config: str | None = _f(None, "A nestpatch train TOML: its data, seed and training settings are shared by every "
                                         "method.", path="file", exists=True, show_default=False)
     seed: int | None = _f(None, "Seed shared by every method (default: the config's, else 0).", show_default=False)

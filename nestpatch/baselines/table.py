@@ -165,12 +165,15 @@ def render_markdown(table: dict) -> str:
     suites = table["harmful_suites"]
     nest_params = (rows.get("nest") or {}).get("trainable_parameters") or 0
 
-    def n_of(name: str) -> str:
-        vals = {r["n"].get(name) for r in rows.values() if r["n"].get(name) is not None}
-        return f" (n={'/'.join(str(v) for v in sorted(vals))})" if vals else ""
+    def n_of(*names: str) -> str:  # a column's test suite or its held-out (validation) counterpart
+        found = [(n, r["n"][n]) for r in rows.values() for n in names if r["n"].get(n) is not None]
+        vals = {v for _, v in found}
+        where = "" if {n for n, _ in found} <= {names[0]} else f" on {'/'.join(sorted({n for n, _ in found}))}"
+        return f" (n={'/'.join(str(v) for v in sorted(vals))}{where})" if vals else ""
 
     head = (["method", "trainable params", "x NeST"] + [f"ASR {s}{n_of(s)}" for s in suites] +
-            [f"benign refusal{n_of('benign')}", f"over-refusal{n_of('overrefusal')}", f"KL to base{n_of('utility')}",
+            [f"benign refusal{n_of('benign', 'benign-heldout')}", f"over-refusal{n_of('overrefusal')}",
+             f"KL to base{n_of('utility', 'utility-heldout')}",
              "artifact", "artifact bytes", "train s", "peak RSS MB", "tok/s (folded)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows.values():
