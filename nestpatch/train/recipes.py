@@ -35,7 +35,7 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
     Recipe(
         model="qwen2.5-coder-0.5b",
         settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128,
-                  "activation_checkpointing": True, "lr": 1e-3},
+                  "activation_checkpointing": True, "lr": 1e-3, "recovery_fraction": 0.5},
         why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: half the "
             "default's prompts and sequences, activation checkpointing on; measured end to end on this 2-core CPU: 12 min 55 s, "
             "peak RSS 5.1 GB (docs/RESULTS.md).",
@@ -52,6 +52,11 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
             "lr": "chosen on the validation sets (benchmarks/tune_eval.py, seed 0): at the default 2e-2 ASR 14.1%, benign "
                   "refusal 28.6%, KL 0.594; at 1e-3 ASR 4.7%, benign refusal 16.3%, KL 0.078 (base: 48.4%, 12.2%); on the test sets "
                   "it lowered HarmBench ASR (10.1% -> 6.9%) but raised benign refusal (9.3% -> 22.0%): docs/RESULTS.md",
+            "recovery_fraction": "half the harmful prompts also train a recovery example (a compliant opening, then the "
+                                 "refusal). Chosen on validation, seed 0, by a rule fixed before the runs (prefilling ASR down by "
+                                 "10 points or more, ASR + benign refusal + KL up by at most 0.03): HarmBench-validation "
+                                 "under the prefilling attack 80.5% -> 39.0% ASR, pooled ASR 4.4% -> 3.3%, benign refusal "
+                                 "16.9% -> 16.9%, KL 0.120 -> 0.157 (docs/RESULTS.md, session 13)",
         },
     ),
     Recipe(
