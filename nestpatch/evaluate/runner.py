@@ -503,8 +503,14 @@ def _run_against_reference(path: Path, model_spec: Any, suites: list[Suite], bac
                       batch_size=opts.batch_size)
     model_desc = {"spec": str(model_spec), "path": str(path), "sha256": model_digest(path),
                   "reference": {"path": str(ref), "sha256": model_digest(ref)}}
+    return _evaluate_then_close(be, suites, out_dir, opts, judges, model_desc, None)
+
+
+def _evaluate_then_close(be: Backend, suites: Sequence[Suite], out_dir: str | os.PathLike, opts: EvalOptions,
+                         judges: Sequence[Judge], model_desc: dict, patch: dict | None) -> dict:
+    """:func:`evaluate_backend`, then the backend's and judges' models closed, whatever happened."""
     try:
-        return evaluate_backend(be, suites, out_dir=out_dir, options=opts, judges=judges, model=model_desc, patch=None)
+        return evaluate_backend(be, suites, out_dir=out_dir, options=opts, judges=judges, model=model_desc, patch=patch)
     finally:
         be.close()
         for j in judges:
@@ -593,18 +599,10 @@ def run_suites(model_spec: str | os.PathLike, patch: Patch | str | os.PathLike |
         model_desc = {"spec": str(model_spec), "path": str(path), "sha256": model_digest(path)}
     else:
         raise InputError(f"backend {backend!r} unknown; expected torch or llama")
-    try:
-        extra = {"mode": "attach" if backend == "torch" else opts.patch_mode}
-        if backend != "torch":
-            extra["precision"] = opts.precision
-        return evaluate_backend(be, loaded_suites, out_dir=out_dir, options=opts, judges=judges, model=model_desc,
-                                patch=patch_info(patch, patch_path, **extra))
-    finally:
-        be.close()
-        for j in judges:
-            close = getattr(j, "close", None)
-            if close:
-                close()
+    extra = {"mode": "attach" if backend == "torch" else opts.patch_mode}
+    if backend != "torch":
+        extra["precision"] = opts.precision
+    return _evaluate_then_close(be, loaded_suites, out_dir, opts, judges, model_desc, patch_info(patch, patch_path, **extra))
 
 
 def evaluate_torch_model(model: Any, suites: Sequence[str | Suite], *, out_dir: str | os.PathLike, tokenizer: Any = None,
