@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from nestpatch.cli import cli
-from nestpatch.errors import InputError
+from nestpatch.errors import InputError, UnsupportedError
 from nestpatch.evaluate import EvalOptions, Verdict, evaluate_torch_model, load_suite, register_judge, run_suites
 from nestpatch.evaluate.run_digest import render_markdown
 from nestpatch.format import write_patch
@@ -182,6 +182,9 @@ def test_reference_measures_a_folded_file_as_compare_measures_its_patch(pico_ggu
     assert same["suites"]["utility"]["patched"]["kl"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(InputError, match="does not take --patch"):
         run_suites(folded, patch_file, ["utility"], out_dir=tmp_path / "x", reference=str(base), **kw)
+    with pytest.raises(UnsupportedError, match="--reference needs --backend llama"):
+        run_suites(folded, None, ["utility"], out_dir=tmp_path / "x", reference=str(base), **{**kw, "backend": "torch"})
+    assert not (tmp_path / "x").exists()  # refused before any work
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
