@@ -60,13 +60,13 @@ from .gguf_region import (
     read_region, read_rows,
 )
 from .gguf_revert import REVERT_VERSION, revert_gguf
+from .precision import PRECISIONS
 from .provenance import FoldKey
 from .fold_report import FoldReport, TargetFold, retention_stats
 
 log = logging.getLogger(__name__)
 
 QType = codecs.QType
-PRECISIONS = ("keep", "auto", "q8_0", "f16")
 
 __all__ = ["fold_gguf", "revert_gguf", "PRECISIONS"]
 

@@ -283,6 +283,64 @@ def test_fold_into_gguf_matches_torch_in_llama_cpp(pico_model: Any, pico_gguf: A
     assert np.abs(got - want).max() < 0.2 * np.abs(base - want).max()
 
 
+def test_fold_precision_keeps_an_update_that_q4_1_rounds_away(pico_gguf: Any, tmp_path: Path) -> None:
+    """An update far below Q4_1's step is lost by re-encoding in the base's type, kept at Q8_0 (session 13's LoRA).
+
+    Retention is what the file keeps of the trained change; llama.cpp, reading the files, agrees with it.
+    """
+    import torch
+
+    from nestpatch.baselines.fold import fold_into_gguf
+    from nestpatch.errors import InputError
+    from nestpatch.models.loading import load_model
+    from nestpatch.runtime.llama_session import LlamaSession
+
+    base_path = pico_gguf("Q4_1")
+    base = load_model(base_path, device="cpu").model  # the file's own values, dequantized
+    merged = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if ".mlp." in name:
+                p.add_(2e-3 * torch.randn(p.shape, generator=g))
+    infos = {prec: fold_into_gguf(base_path, base, merged, tmp_path / f"{prec}.gguf", precision=prec)
+             for prec in ("keep", "q8_0", "auto")}
+    keep, q8, auto = infos["keep"], infos["q8_0"], infos["auto"]
+    assert keep["changed_tensors"] == 3 * base.config.num_hidden_layers and keep["retyped"] == [] and set(keep["types"].values()) == {"Q4_1"}
+    assert keep["min_retention"] < 0.5 and q8["min_retention"] > 0.9
+    assert set(q8["types"].values()) == {"Q8_0"} and sorted(q8["retyped"]) == sorted(q8["types"])
+    assert auto["types"] == q8["types"] and auto["min_retention"] == q8["min_retention"]  # auto upcasts what keep loses
+    with pytest.raises(InputError, match="fold precision 'q3'"):
+        fold_into_gguf(base_path, base, merged, tmp_path / "bad.gguf", precision="q3")
+    assert not (tmp_path / "bad.gguf").exists()
+
+    ids = [1, 200, 300, 400, 500, 600]
+    with torch.no_grad():
+        trained = (merged(torch.tensor([ids])).logits[0] - base(torch.tensor([ids])).logits[0]).numpy()
+    got = {}
+    for name, path in (("base", base_path), ("keep", tmp_path / "keep.gguf"), ("q8_0", tmp_path / "q8_0.gguf")):
+        with LlamaSession(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1) as s:
+            got[name] = s.logits(ids)
+
+    def error(name: str) -> float:  # how far the file's logit change is from training's, relative to it
+        return float(np.linalg.norm(got[name] - got["base"] - trained) / np.linalg.norm(trained))
+
+    # measured 0.54 and 1.19: llama.cpp's own rounding of activations is the rest of the Q8_0 file's error
+    assert error("q8_0") < 0.75 < error("keep")
+
+
+def test_a_finished_bench_method_folds_again_only_when_the_precision_changes(tmp_path: Path) -> None:
+    """Changing --fold-precision refolds (training and evaluation are cached); HF folds and old GGUF folds count as keep."""
+    from nestpatch.baselines.jobs import Job, needs_refold
+
+    job = Job(method="lora", model="m", out_dir=str(tmp_path), train_config={}, fold_precision="q8_0")
+    assert needs_refold({"kind": "gguf", "path": "x"}, job)  # folded before the option: keep
+    assert not needs_refold({"kind": "gguf", "precision": "q8_0"}, job)
+    assert not needs_refold({"kind": "hf", "path": "x"}, job)
+    assert not needs_refold(None, job)
+    assert not needs_refold({"kind": "gguf"}, Job(method="lora", model="m", out_dir=str(tmp_path), train_config={}))
+
+
 def test_cli_runs_each_method_in_its_own_process(pico_hf_dir: Path, tmp_path: Path) -> None:
     """The default path of ``nestpatch bench``: one worker process per method, then the table."""
     from click.testing import CliRunner

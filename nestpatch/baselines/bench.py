@@ -36,7 +36,7 @@ from ..errors import InputError, TrainingError
 from ..provenance import library_versions
 from ..train.config import TrainConfig
 from .options import DEFAULT_METHODS, DEFAULT_SUITES
-from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, read_json, run_job, write_json)
+from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, needs_refold, read_json, run_job, write_json)
 from .registry import get_method
 from .speed import SPEED_FILE, speed_stage
 
@@ -65,6 +65,7 @@ class BenchConfig:
         max_new_tokens, eval_batch_size: greedy decoding settings of the evaluation.
         utility_reply_tokens: length of the base answers the KL to the base is measured on.
         speed, speed_rounds, speed_tokens: decode tokens/s of the folded models.
+        fold_precision: the changed tensors' types in a folded GGUF (``nestpatch apply --precision``).
         threads: CPU threads for torch and llama.cpp (None: their defaults).
         isolate: one process per method (exact peak memory); off runs everything in this process.
         include_base: evaluate the untouched model too (the reference row).
@@ -84,6 +85,7 @@ class BenchConfig:
     speed: bool = True
     speed_rounds: int = 3
     speed_tokens: int = 64
+    fold_precision: str = "keep"
     threads: int | None = None
     isolate: bool = True
     include_base: bool = True
@@ -159,7 +161,7 @@ def _job(cfg: BenchConfig, name: str, tc: TrainConfig) -> Job:
     opts = {} if name == BASE else get_method(name).options(cfg.method_options.get(name))
     return Job(method=name, model=cfg.model, out_dir=str(Path(cfg.out_dir) / name), train_config=tc.to_dict(), options=opts,
                suites=list(cfg.suites), eval=dataclasses.asdict(ev), data_cache=str(Path(cfg.out_dir) / DATA_CACHE),
-               progress=cfg.progress, isolated=cfg.isolate)
+               progress=cfg.progress, isolated=cfg.isolate, fold_precision=cfg.fold_precision)
 
 
 def _check_identity(job: Job) -> None:
@@ -226,6 +228,9 @@ def run_one(cfg: BenchConfig, job: Job) -> dict:
     job.dir.mkdir(parents=True, exist_ok=True)
     write_json(job.dir / JOB_FILE, job.to_dict())
     done = read_json(job.dir / RESULT_FILE)
+    if done is not None and needs_refold(done.get("fold"), job):
+        log.info("%s: folding again at precision %s (training and evaluation are reused)", job.method, job.fold_precision)
+        done = None
     if done is not None:
         log.info("%s: finished earlier; reusing %s", job.method, job.dir / RESULT_FILE)
         return done

@@ -7,6 +7,12 @@ re-encoded in the base's own type for that tensor (so all methods run with the s
 types as the base, and speed differences are not type differences). For a base given as an HF
 directory, the folded form is an HF directory written by transformers.
 
+A method whose update is small against the base's quantization step loses it in that
+re-encoding: session 13 found LoRA and full fine-tuning folded into SmolLM2's Q4_1 file refusing
+like the base. So every fold reports each changed tensor's *retention* (the share of the trained
+change the file keeps, as ``nestpatch apply`` reports it), and ``precision`` takes apply's
+choices (``keep``, ``auto``, ``q8_0``, ``f16``; :func:`nestpatch.converters.gguf_fold.candidate_types`).
+
 Tensor names and layouts follow llama.cpp's converter (gguf-py's name map; the Q/K row
 permutation of the llama architecture, none for qwen2). Other GGUF architectures raise
 UnsupportedError and the bench falls back to an HF directory.
@@ -22,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_dir, atomic_path
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +80,70 @@ def _gguf_layout_values(hf_name: str, arr: np.ndarray, config: Any, arch: str) -
     return arr
 
 
-def _encode(values: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
-    """Encode float32 ``values`` in ``qtype`` when possible, else F16; returns (raw data, type)."""
+def _encode_rows(rows: np.ndarray, qtype: Any) -> np.ndarray:
+    """float32 ``(rows, n)`` -> the raw data of ``qtype`` (float types as float arrays)."""
     from nestpatch.converters import gguf_codecs as codecs
 
+    if qtype == codecs.QType.F32:
+        return rows.astype(np.float32)
+    if qtype == codecs.QType.F16:
+        return rows.astype(np.float16)
+    return codecs.quantize_rows(rows, qtype)  # (rows, row_bytes)
+
+
+def _decode_rows(raw: np.ndarray, qtype: Any, n: int) -> np.ndarray:
+    from nestpatch.converters import gguf_codecs as codecs
+
+    if qtype in (codecs.QType.F32, codecs.QType.F16):
+        return raw.astype(np.float32)
+    return codecs.dequantize_rows(raw, qtype, n)
+
+
+def _encode(values: np.ndarray, base_values: np.ndarray, qtype: Any, precision: str = "keep",
+            threshold: float = 0.9) -> tuple[np.ndarray, Any, float]:
+    """Encode float32 ``values`` for a tensor stored as ``qtype`` whose base values are ``base_values``.
+
+    Returns ``(raw data, type, retention)``. The type is the first of apply's candidates for
+    ``precision``; under ``auto``, the first whose retention of ``values - base_values`` reaches
+    ``threshold`` (else the last). Retention compares the decoded result with the base as the
+    reader of each file sees it: the base decodes to ``base_values`` when the type is kept, and to
+    the base re-encoded in the new type otherwise (the rule of ``nestpatch apply``).
+    """
+    from nestpatch.converters.fold_report import retention_stats
+    from nestpatch.converters.gguf_fold import candidate_types
+
     n = values.shape[-1]
-    t = qtype if codecs.can_encode(qtype, n) else codecs.QType.F16
-    if t != qtype:
-        log.warning("cannot re-encode as %s; this tensor is stored as F16", qtype.name)
-    rows = values.reshape(-1, n)
-    if t == codecs.QType.F32:
-        return rows.astype(np.float32).reshape(values.shape), t
-    if t == codecs.QType.F16:
-        return rows.astype(np.float16).reshape(values.shape), t
-    raw = codecs.quantize_rows(rows, t)  # (rows, row_bytes)
-    return raw.reshape(*values.shape[:-1], raw.shape[-1]), t
+    rows, base_rows = values.reshape(-1, n), base_values.reshape(-1, n)
+    cands = candidate_types(qtype, n, precision)
+    for i, t in enumerate(cands):
+        raw = _encode_rows(rows, t)
+        base_seen = base_rows if t == qtype else _decode_rows(_encode_rows(base_rows, t), t, n)
+        retention, _ = retention_stats(rows - base_rows, _decode_rows(raw, t, n) - base_seen)
+        if precision != "auto" or retention >= threshold or i + 1 == len(cands):
+            if t != qtype:
+                log.info("%s -> %s (retention %.3f)", qtype.name, t.name, retention)
+            return raw.reshape(*values.shape[:-1], raw.shape[-1]), t, retention
+    raise AssertionError("candidate_types returned no type")  # pragma: no cover - it never does
 
 
-def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, out_path: str | os.PathLike) -> dict:
+def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, out_path: str | os.PathLike,
+                   precision: str = "keep") -> dict:
     """Write ``out_path``: ``base_gguf`` with ``merged``'s changed tensors re-encoded in place.
 
     Returns:
-        ``{"changed_tensors", "retyped", "bytes"}``.
+        ``{"changed_tensors", "precision", "retyped", "types", "min_retention", "mean_retention",
+        "retention", "bytes"}``; ``retention`` maps each changed GGUF tensor to the share of its
+        trained change the file keeps, ``types`` to its type in the file.
 
     Raises:
         UnsupportedError: a GGUF architecture other than llama and qwen2, or a changed tensor the file lacks.
     """
     import gguf
 
+    from nestpatch.converters.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise InputError(f"fold precision {precision!r} invalid, expected one of {', '.join(PRECISIONS)}")
     reader = gguf.GGUFReader(str(base_gguf))
     arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
     arch = str(arch_field.contents()) if arch_field is not None else ""
@@ -111,12 +153,17 @@ def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, o
     n_layers = int(cfg.num_hidden_layers)
     changed = changed_parameters(base_model, merged)
     by_gguf = {gguf_tensor_name(k, arch, n_layers): _gguf_layout_values(k, v, cfg, arch) for k, v in changed.items()}
+    base_params = dict(base_model.named_parameters())
+    base_by_gguf = {gguf_tensor_name(k, arch, n_layers): _gguf_layout_values(k, base_params[k].detach().float().cpu().numpy(),
+                                                                               cfg, arch) for k in changed}
     names = {t.name for t in reader.tensors}
     missing = sorted(set(by_gguf) - names)
     if missing:
         raise UnsupportedError(f"{base_gguf}: has no tensor {missing[0]} (changed by training)")
     out = Path(out_path)
-    retyped = []
+    retyped: list[str] = []
+    types: dict[str, str] = {}
+    retention: dict[str, float] = {}
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch, endianess=reader.endianess)
         for field in reader.fields.values():
@@ -129,8 +176,10 @@ def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, o
         for t in reader.tensors:
             arr, qtype = t.data, t.tensor_type
             if t.name in by_gguf:
-                values = by_gguf[t.name].reshape([int(x) for x in reversed(t.shape)])  # numpy layout (rows, n)
-                arr, qtype = _encode(values, t.tensor_type)
+                shape = [int(x) for x in reversed(t.shape)]  # numpy layout (rows, n)
+                arr, qtype, retention[t.name] = _encode(by_gguf[t.name].reshape(shape), base_by_gguf[t.name].reshape(shape),
+                                                        t.tensor_type, precision)
+                types[t.name] = qtype.name
                 if qtype != t.tensor_type:
                     retyped.append(t.name)
             w.add_tensor_info(t.name, arr.shape, arr.dtype, arr.nbytes, qtype)
@@ -141,8 +190,12 @@ def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, o
         for arr in data:
             w.write_tensor_data(arr, tensor_endianess=reader.endianess)
         w.close()
-    log.info("folded %d changed tensors into %s", len(by_gguf), out)
-    return {"changed_tensors": len(by_gguf), "retyped": retyped, "bytes": out.stat().st_size}
+    kept = list(retention.values())
+    log.info("folded %d changed tensors into %s (precision %s, min retention %.3f)", len(by_gguf), out, precision,
+             min(kept, default=1.0))
+    return {"changed_tensors": len(by_gguf), "precision": precision, "retyped": retyped, "types": types,
+            "min_retention": round(min(kept, default=1.0), 4), "mean_retention": round(sum(kept) / len(kept), 4) if kept else 1.0,
+            "retention": {k: round(v, 4) for k, v in retention.items()}, "bytes": out.stat().st_size}
 
 
 def fold_into_hf_dir(merged: Any, tokenizer: Any, out_dir: str | os.PathLike) -> dict:

@@ -80,6 +80,7 @@ class Job:
     data_cache: str | None = None
     progress: bool = False
     fold: bool = True
+    fold_precision: str = "keep"  # types of the changed tensors in folded.gguf (nestpatch apply's --precision)
     isolated: bool = False  # running in a process of its own: ru_maxrss is this method's peak
 
     def to_dict(self) -> dict:
@@ -201,19 +202,25 @@ def train_stage(job: Job) -> TrainOutcome:
     return outcome
 
 
+def needs_refold(fold: dict | None, job: Job) -> bool:
+    """A GGUF fold written at another precision than ``job`` asks for (folds from before the option are ``keep``)."""
+    return bool(job.fold and fold and fold.get("kind") == "gguf" and fold.get("precision", "keep") != job.fold_precision)
+
+
 def _fold(job: Job, lm: Any, merged: Any) -> dict:
     from .fold import fold_into_gguf, fold_into_hf_dir
 
     d = job.dir
     saved = read_json(d / FOLD_FILE)
-    if saved is not None:
+    if saved is not None and not needs_refold(saved, job):
         return saved
     t0 = time.perf_counter()
     src = Path(lm.source)
     info: dict[str, Any]
     if src.is_file() and is_gguf(src):
         try:
-            info = {"kind": "gguf", "path": str(d / FOLDED_GGUF), **fold_into_gguf(src, lm.model, merged, d / FOLDED_GGUF)}
+            info = {"kind": "gguf", "path": str(d / FOLDED_GGUF), **fold_into_gguf(src, lm.model, merged, d / FOLDED_GGUF,
+                                                                                 precision=job.fold_precision)}
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - unsupported GGUF layouts fall back to an HF directory

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..converters.precision import PRECISIONS
 from ..errors import InputError
 
 DEFAULT_METHODS = ("nest", "lora", "full", "cb")
@@ -57,6 +58,9 @@ class BenchOptions:
     threads: int | None = _f(None, "CPU threads for torch and llama.cpp.", min=1, show_default=False)
     max_new_tokens: int = _f(64, "Reply length in evaluation.", min=1)
     eval_batch_size: int = _f(8, "Prompts per evaluation generation batch.", min=1)
+    fold_precision: str = _f("keep", "Types of the changed tensors when a method is folded into a GGUF base (as nestpatch "
+                                     "apply --precision; keep re-encodes them in the base's types, which can round a small "
+                                     "update away: fold.json reports each tensor's retention).", choices=PRECISIONS)
     speed: bool = _f(True, "Measure decode tokens/s of the folded models.")
     speed_rounds: int = _f(3, "Interleaved rounds of the speed measurement.", min=1)
     isolate: bool = _f(True, "One process per method.", flag="--in-process", negate=True,
@@ -85,7 +89,7 @@ class BenchOptions:
             mopts.setdefault("full", {})["scope"] = self.full_scope
         return BenchConfig(model=model, out_dir=out_dir, methods=names, train_config=tc, method_options=mopts,
                            suites=list(self.suites), limit=self.limit, max_new_tokens=self.max_new_tokens,
-                           eval_batch_size=self.eval_batch_size, speed=self.speed, speed_rounds=self.speed_rounds,
+                           eval_batch_size=self.eval_batch_size, fold_precision=self.fold_precision, speed=self.speed, speed_rounds=self.speed_rounds,
                            threads=self.threads, isolate=self.isolate, include_base=self.include_base, progress=progress,
                            log_level=logging.WARNING if log_level is None else log_level)
 

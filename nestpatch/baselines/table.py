@@ -58,6 +58,8 @@ def build_row(name: str, r: dict, speed: dict | None, root: Path) -> dict:
         "tokens_per_s_rounds": sp.get("rounds"),
         "folded": _rel((r.get("fold") or {}).get("path"), root),
         "folded_kind": (r.get("fold") or {}).get("kind"),
+        "fold_precision": (r.get("fold") or {}).get("precision"),
+        "fold_min_retention": (r.get("fold") or {}).get("min_retention"),
         "loss_first": t.get("loss_first"),
         "loss_final": t.get("loss_final"),
         "details": t.get("details"),
@@ -159,6 +161,13 @@ def _mark(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "not measured"}[met]
 
 
+def _fold_detail(r: dict) -> str:
+    """`` (precision keep, min retention 0.031)`` for a GGUF fold that reports them (folds before the option do not)."""
+    if r.get("fold_min_retention") is None:
+        return ""
+    return f" (precision {r.get('fold_precision') or 'keep'}, min retention {r['fold_min_retention']:.3f})"
+
+
 def render_markdown(table: dict) -> str:
     """The human table (rendered from ``results.json`` only)."""
     rows = table["rows"]
@@ -216,7 +225,7 @@ def render_markdown(table: dict) -> str:
             extra.append(f"loss {r['loss_first'].get(key, float('nan')):.3f} -> {r['loss_final'][key]:.3f}")
         out.append(f"- **{r['label']}**: {r['scope']}" + (f" ({'; '.join(extra)})" if extra else "") +
                    (f"; artifact `{r['artifact']}`" if r.get("artifact") else "") +
-                   (f"; folded `{r['folded']}`" if r.get("folded") else ""))
+                   (f"; folded `{r['folded']}`" if r.get("folded") else "") + _fold_detail(r))
     sp = table.get("speed") or {}
     out += ["", "Notes:", "",
             "- Artifacts store 16-bit weights for every method (NeST deltas F16, LoRA/CB adapters and full weights float16).",
@@ -227,8 +236,13 @@ def render_markdown(table: dict) -> str:
             "peak of torch's GPU allocations is added in brackets.",
             (f"- tok/s: greedy decode of the folded model at batch 1, a fixed {sp['new_tokens']}-token continuation "
              f"(prompt not timed), median of {sp['rounds']} interleaved rounds; folded GGUFs keep the base file's tensor "
-             "types (only changed tensors are re-encoded), so differences are noise of the shared machine unless large."
+             "types (only changed tensors are re-encoded, at the row's fold precision), so differences are noise of the "
+             "shared machine unless large."
              if "new_tokens" in sp and "rounds" in sp else "- tok/s: not measured in this run (`--no-speed`)."),
+            "- The rates above are measured on the trained model in torch. A folded GGUF keeps, of each changed tensor's "
+            "update, the share its retention gives (1 = all of it): an update smaller than the base's quantization step "
+            "is rounded away, and that file then behaves like the base (`--fold-precision q8_0` or `auto` stores "
+            "changed tensors at higher precision).",
             "- A refusal-phrase judge counts broken or off-topic text as compliance: circuit breakers, whose rerouted "
             "outputs are often broken text rather than refusals, are judged pessimistically by it.",
             "", "Targets:", ""]

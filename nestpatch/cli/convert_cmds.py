@@ -8,13 +8,12 @@ import click
 
 from . import inputs
 from ..atomic import write_bytes_atomic
+from ..converters.precision import PRECISIONS
 from ..errors import InputError, UnsupportedError
 from ..format import FILE_EXTENSION
 from ..models.naming import parse_hf_name
 from .options import force_option, json_option, model_argument, output_option, print_json, progress_option
 from .terminal import deep_escape, echo, escape
-
-PRECISIONS = ("keep", "auto", "q8_0", "f16")
 
 
 def default_patch(model: Path) -> Path:

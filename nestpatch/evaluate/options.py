@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..converters.precision import PRECISIONS
 from ..errors import InputError
 from .suites import FILE_KINDS
 
 BACKENDS = ("torch", "llama")
 PATCH_MODES = ("fold", "lora")
-PRECISIONS = ("keep", "auto", "q8_0", "f16")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
