@@ -329,6 +329,40 @@ def test_fold_precision_keeps_an_update_that_q4_1_rounds_away(pico_gguf: Any, tm
     assert error("q8_0") < 0.75 < error("keep")
 
 
+def test_bench_evaluates_the_folded_gguf_in_llama_cpp(pico_gguf: Any, pico_hf_dir: Path, tmp_path: Path) -> None:
+    """``--eval-backend llama``: every row is measured on its GGUF file (the base's own, each method's folded one)."""
+    from nestpatch.baselines.bench import BenchConfig, run_bench
+    from nestpatch.errors import InputError
+
+    base_path = pico_gguf("Q4_1")
+    out = tmp_path / "out"
+
+    def config(precision: str, model: Path = base_path) -> Any:
+        return BenchConfig(model=str(model), out_dir=str(out), methods=["lora"], train_config=_tiny_train_config(tmp_path),
+                           limit=1, max_new_tokens=4, eval_batch_size=4, utility_reply_tokens=4, suites=["harmbench", "utility"],
+                           speed=False, isolate=False, progress=False, eval_backend="llama", fold_precision=precision,
+                           method_options={"lora": {"lr": 2e-2}})
+
+    with pytest.raises(InputError, match="must be a .gguf file"):
+        run_bench(config("auto", pico_hf_dir))
+    table = run_bench(config("auto"))
+    lora = table["rows"]["lora"]
+    ev = json.loads((out / "lora" / "eval-folded-auto" / "summary.json").read_text())
+    util = json.loads((out / "lora" / "eval-utility-folded-auto" / "summary.json").read_text())
+    assert Path(ev["model"]["path"]).resolve() == (out / "lora" / "folded.gguf").resolve()
+    assert Path(util["model"]["reference"]["path"]).resolve() == base_path.resolve()
+    assert Path(json.loads((out / "base" / "eval" / "summary.json").read_text())["model"]["path"]).resolve() == base_path.resolve()
+    assert lora["kl"] > 0.0 and lora["fold_precision"] == "auto" and 0.0 < lora["fold_min_retention"] <= 1.0
+    assert set(lora["asr"]) == {"harmbench"} and table["rows"]["base"]["kl"] == 0.0
+    assert "each folded GGUF in llama.cpp" in (out / "results.md").read_text()
+
+    trained = (out / "lora" / "train.json").stat().st_mtime_ns
+    again = run_bench(config("keep"))  # only the fold (and the evaluation of the new file) is redone
+    assert again["rows"]["lora"]["fold_precision"] == "keep"
+    assert (out / "lora" / "train.json").stat().st_mtime_ns == trained
+    assert (out / "lora" / "eval-utility-folded-keep" / "summary.json").exists()
+
+
 def test_a_finished_bench_method_folds_again_only_when_the_precision_changes(tmp_path: Path) -> None:
     """Changing --fold-precision refolds (training and evaluation are cached); HF folds and old GGUF folds count as keep."""
     from nestpatch.baselines.jobs import Job, needs_refold

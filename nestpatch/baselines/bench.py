@@ -33,9 +33,10 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import InputError, TrainingError
+from ..models.files import is_gguf
 from ..provenance import library_versions
 from ..train.config import TrainConfig
-from .options import DEFAULT_METHODS, DEFAULT_SUITES
+from .options import DEFAULT_METHODS, DEFAULT_SUITES, EVAL_BACKENDS
 from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, needs_refold, read_json, run_job, write_json)
 from .registry import get_method
 from .speed import SPEED_FILE, speed_stage
@@ -66,6 +67,8 @@ class BenchConfig:
         utility_reply_tokens: length of the base answers the KL to the base is measured on.
         speed, speed_rounds, speed_tokens: decode tokens/s of the folded models.
         fold_precision: the changed tensors' types in a folded GGUF (``nestpatch apply --precision``).
+        eval_backend: ``torch`` evaluates each trained model in float32; ``llama`` its folded GGUF in
+            llama.cpp (the base must be a GGUF file).
         threads: CPU threads for torch and llama.cpp (None: their defaults).
         isolate: one process per method (exact peak memory); off runs everything in this process.
         include_base: evaluate the untouched model too (the reference row).
@@ -86,6 +89,7 @@ class BenchConfig:
     speed_rounds: int = 3
     speed_tokens: int = 64
     fold_precision: str = "keep"
+    eval_backend: str = "torch"
     threads: int | None = None
     isolate: bool = True
     include_base: bool = True
@@ -107,6 +111,8 @@ class BenchConfig:
             raise InputError("--speed-rounds and --speed-tokens must be positive")
         if not self.suites:
             raise InputError("--suites: no suite given")
+        if self.eval_backend not in EVAL_BACKENDS:
+            raise InputError(f"--eval-backend {self.eval_backend!r}: expected one of {', '.join(EVAL_BACKENDS)}")
         from ..evaluate.suites import SUITES
 
         from .jobs import HELDOUT_SUITES
@@ -157,11 +163,11 @@ def machine() -> dict[str, Any]:
 
 def _job(cfg: BenchConfig, name: str, tc: TrainConfig) -> Job:
     ev = EvalSettings(limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                      utility_reply_tokens=cfg.utility_reply_tokens, seed=int(tc.seed or 0))
+                      utility_reply_tokens=cfg.utility_reply_tokens, seed=int(tc.seed or 0), backend=cfg.eval_backend)
     opts = {} if name == BASE else get_method(name).options(cfg.method_options.get(name))
     return Job(method=name, model=cfg.model, out_dir=str(Path(cfg.out_dir) / name), train_config=tc.to_dict(), options=opts,
                suites=list(cfg.suites), eval=dataclasses.asdict(ev), data_cache=str(Path(cfg.out_dir) / DATA_CACHE),
-               progress=cfg.progress, isolated=cfg.isolate, fold_precision=cfg.fold_precision)
+               progress=cfg.progress, isolated=cfg.isolate, fold_precision=cfg.fold_precision, threads=cfg.threads)
 
 
 def _check_identity(job: Job) -> None:
@@ -281,6 +287,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise InputError(f"{cfg.model}: no such model file or directory (or named model)")
     if model_path == out.resolve():
         raise InputError(f"{out}: the bench directory cannot be the model itself")
+    if cfg.eval_backend == "llama" and not (model_path.is_file() and is_gguf(model_path)):
+        raise InputError(f"{model_path}: --eval-backend llama evaluates folded GGUF files, so the base must be a .gguf file")
     cfg = dataclasses.replace(cfg, model=str(model_path))
     out.mkdir(exist_ok=True)
     tc = cfg.shared_train_config()
@@ -290,7 +298,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         _check_identity(job)
     write_json(out / BENCH_FILE, {"model": cfg.model, "methods": cfg.methods, "suites": cfg.suites, "limit": cfg.limit,
                                   "max_new_tokens": cfg.max_new_tokens, "eval_batch_size": cfg.eval_batch_size,
-                                  "utility_reply_tokens": cfg.utility_reply_tokens,
+                                  "utility_reply_tokens": cfg.utility_reply_tokens, "eval_backend": cfg.eval_backend,
+                                  "fold_precision": cfg.fold_precision,
                                   "method_options": {m: get_method(m).options(cfg.method_options.get(m)) for m in cfg.methods},
                                   "train_config": tc.to_dict(), "threads": cfg.threads, "isolate": cfg.isolate,
                                   "libraries": library_versions(), "machine": machine(),

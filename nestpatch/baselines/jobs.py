@@ -11,6 +11,10 @@ interrupted bench resumes where it stopped:
     METHOD/fold.json         after writing METHOD/folded.gguf (or METHOD/folded/ for HF bases)
     METHOD/result.json       everything above, for the table
 
+With ``--eval-backend llama`` the fold comes first and both evaluations run on ``folded.gguf`` in
+llama.cpp (the KL against the base GGUF), so the table describes the file a release ships; their
+directories are ``eval-folded-PRECISION/`` and ``eval-utility-folded-PRECISION/``, one per fold.
+
 The ``base`` job evaluates the untouched model on the generation suites (its KL is 0).
 """
 
@@ -64,6 +68,9 @@ class EvalSettings:
     batch_size: int = 8
     utility_reply_tokens: int = 32
     seed: int = 0
+    #: ``torch``: the trained model in float32 (the method as trained); ``llama``: its folded GGUF in
+    #: llama.cpp, the file a release ships (the issue's targets are measured this way).
+    backend: str = "torch"
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Job:
     progress: bool = False
     fold: bool = True
     fold_precision: str = "keep"  # types of the changed tensors in folded.gguf (nestpatch apply's --precision)
+    threads: int | None = None  # llama.cpp threads of the llama evaluation
     isolated: bool = False  # running in a process of its own: ru_maxrss is this method's peak
 
     def to_dict(self) -> dict:
@@ -98,6 +106,7 @@ class Job:
         """
         d = self.to_dict()
         d["train_config"] = TrainConfig.from_dict(d["train_config"], label=f"{self.out_dir}/{JOB_FILE}").to_dict()
+        d["eval"] = asdict(EvalSettings(**{k: v for k, v in d["eval"].items() if k in EvalSettings.__dataclass_fields__}))
         return {k: d[k] for k in IDENTITY_KEYS}
 
     @property
@@ -154,7 +163,7 @@ def _options(job: Job) -> Any:
 
     e = EvalSettings(**job.eval)
     return EvalOptions(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit, seed=e.seed,
-                       utility_reply_tokens=e.utility_reply_tokens, progress=job.progress, resume=True)
+                       utility_reply_tokens=e.utility_reply_tokens, progress=job.progress, resume=True, n_threads=job.threads)
 
 
 def _evaluate(lm: Any, suites: list[Any], variants: dict[str, Any], out: Path, job: Job) -> dict:
@@ -168,6 +177,30 @@ def _evaluate(lm: Any, suites: list[Any], variants: dict[str, Any], out: Path, j
     info = {"name": str(lm.source), "path": str(lm.source), "sha256": None, "method": job.method}
     return evaluate_torch_model(lm.model, suites, tokenizer=lm.tokenizer, out_dir=out, variants=variants, model_info=info,
                                 options=opts)
+
+
+def _evaluate_gguf(path: Path, suites: list[Any], out: Path, job: Job, reference: Path | None = None) -> dict:
+    """The suites on a GGUF file in llama.cpp (variant ``base``; with ``reference``, that file is ``base``
+    and ``path`` is ``patched``, for the KL and flips against it)."""
+    from ..evaluate.runner import SUMMARY_FILE, run_suites
+
+    done = read_json(out / SUMMARY_FILE)
+    if done is not None:
+        return done
+    opts = _options(job)
+    opts.resume = (out / "run.json").exists()
+    opts.reference = str(reference) if reference is not None else None
+    return run_suites(path, suites=suites, backend="llama", out_dir=out, options=opts)
+
+
+def base_gguf(job: Job) -> Path:
+    """The job's base model as a GGUF file, which ``--eval-backend llama`` needs."""
+    from ..assets import resolve_model
+
+    path = resolve_model(job.model)
+    if not (path.is_file() and is_gguf(path)):
+        raise InputError(f"{job.model}: --eval-backend llama evaluates folded GGUF files, so the base must be a .gguf file")
+    return path
 
 
 def _cuda() -> Any:
@@ -255,6 +288,8 @@ def method_job(job: Job) -> dict:
     outcome = train_stage(job)
     gc.collect()  # the training model is gone before the evaluation model loads
     m = get_method(job.method)
+    if EvalSettings(**job.eval).backend == "llama":
+        return _method_job_llama(job, outcome, m)
     lm, gen, util = _load_for_eval(job)
     merged = m.load_merged(lm, outcome)
     t0 = time.perf_counter()
@@ -270,12 +305,45 @@ def method_job(job: Job) -> dict:
     return result
 
 
+def _method_job_llama(job: Job, outcome: TrainOutcome, m: Any) -> dict:
+    """``--eval-backend llama``: fold first, then evaluate the folded GGUF in llama.cpp (KL against the base file)."""
+    d = job.dir
+    base_path = base_gguf(job)
+    fold = read_json(d / FOLD_FILE)
+    if fold is None or needs_refold(fold, job):
+        lm, gen, util = _load_for_eval(job)
+        fold = _fold(job, lm, m.load_merged(lm, outcome))
+        del lm
+        gc.collect()  # llama.cpp's copies of the models replace torch's
+    else:
+        gen, util = load_bench_suites(job.suites)
+    if fold.get("kind") != "gguf":
+        raise InputError(f"{base_path}: {job.method} could not be folded into this GGUF ({fold.get('reason')}); "
+                         "evaluate it with --eval-backend torch")
+    folded = Path(fold["path"])
+    t0 = time.perf_counter()
+    tag = f"-folded-{job.fold_precision}"  # one evaluation per folded file: a refold at another precision is measured anew
+    summary = _evaluate_gguf(folded, gen, d / (EVAL_DIR + tag), job) if gen else None
+    usum = _evaluate_gguf(folded, util, d / (UTILITY_DIR + tag), job, reference=base_path) if util else None
+    eval_s = round(time.perf_counter() - t0, 3)
+    result = {"method": m.name, "label": m.label, "description": m.description, "train": outcome.to_dict(),
+              "eval": _metrics(summary, usum, TRAINED, generation_variant=BASE), "eval_seconds": eval_s, "fold": fold,
+              "job": job.identity(), "eval_peak_rss_mb": round(peak_rss_mb(), 1)}
+    write_json(d / RESULT_FILE, result)
+    return result
+
+
 def base_job(job: Job) -> dict:
     """Evaluate the untouched model on the generation suites; write and return ``result.json``."""
     d = job.dir
-    lm, gen, _ = _load_for_eval(job)
-    t0 = time.perf_counter()
-    summary = _evaluate(lm, gen, {BASE: contextlib.nullcontext}, d / EVAL_DIR, job) if gen else None
+    if EvalSettings(**job.eval).backend == "llama":
+        gen, _ = load_bench_suites(job.suites)
+        t0 = time.perf_counter()
+        summary = _evaluate_gguf(base_gguf(job), gen, d / EVAL_DIR, job) if gen else None
+    else:
+        lm, gen, _ = _load_for_eval(job)
+        t0 = time.perf_counter()
+        summary = _evaluate(lm, gen, {BASE: contextlib.nullcontext}, d / EVAL_DIR, job) if gen else None
     metrics = _metrics(summary, None, BASE)
     metrics["kl"] = 0.0  # the reference itself
     result = {"method": BASE, "label": "Base (no training)", "description": "the model as given", "train": None,
@@ -285,13 +353,17 @@ def base_job(job: Job) -> dict:
     return result
 
 
-def _metrics(summary: dict | None, usum: dict | None, variant: str) -> dict:
-    """The table's evaluation figures from evaluation summaries."""
+def _metrics(summary: dict | None, usum: dict | None, variant: str, generation_variant: str | None = None) -> dict:
+    """The table's evaluation figures from evaluation summaries.
+
+    ``variant`` names the trained model in both; ``generation_variant`` overrides it in ``summary``
+    (a folded GGUF evaluated on its own is that run's only variant, ``base``).
+    """
     out: dict[str, Any] = {"asr": {}, "n": {}, "judge": None}
     if summary is not None:
         out["judge"] = summary.get("judge")
         for name, s in summary["suites"].items():
-            v = s.get(variant, {})
+            v = s.get(generation_variant or variant, {})
             if s["kind"] == "harmful":
                 out["asr"][name] = v.get("asr")
             elif s["kind"] == "benign":
@@ -317,6 +389,6 @@ def run_job(job: Job) -> dict:
     """Run ``job`` in this process; a finished job's ``result.json`` is returned as it is."""
     job.dir.mkdir(parents=True, exist_ok=True)
     done = read_json(job.dir / RESULT_FILE)
-    if done is not None:
+    if done is not None and not needs_refold(done.get("fold"), job):
         return done
     return base_job(job) if job.method == BASE else method_job(job)

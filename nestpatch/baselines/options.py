@@ -17,6 +17,7 @@ from ..errors import InputError
 DEFAULT_METHODS = ("nest", "lora", "full", "cb")
 DEFAULT_SUITES = ("harmbench", "harmful-heldout", "benign", "overrefusal", "utility")
 FULL_SCOPES = ("auto", "all", "mlp")
+EVAL_BACKENDS = ("torch", "llama")
 
 
 def _f(default: Any, help: str = "", **meta: Any) -> Any:
@@ -61,6 +62,8 @@ class BenchOptions:
     fold_precision: str = _f("keep", "Types of the changed tensors when a method is folded into a GGUF base (as nestpatch "
                                      "apply --precision; keep re-encodes them in the base's types, which can round a small "
                                      "update away: fold.json reports each tensor's retention).", choices=PRECISIONS)
+    eval_backend: str = _f("torch", "torch: evaluate each trained model in float32; llama: evaluate its folded GGUF in "
+                                    "llama.cpp, the file a release ships (needs a GGUF base).", choices=EVAL_BACKENDS)
     speed: bool = _f(True, "Measure decode tokens/s of the folded models.")
     speed_rounds: int = _f(3, "Interleaved rounds of the speed measurement.", min=1)
     isolate: bool = _f(True, "One process per method.", flag="--in-process", negate=True,
@@ -89,7 +92,8 @@ class BenchOptions:
             mopts.setdefault("full", {})["scope"] = self.full_scope
         return BenchConfig(model=model, out_dir=out_dir, methods=names, train_config=tc, method_options=mopts,
                            suites=list(self.suites), limit=self.limit, max_new_tokens=self.max_new_tokens,
-                           eval_batch_size=self.eval_batch_size, fold_precision=self.fold_precision, speed=self.speed, speed_rounds=self.speed_rounds,
+                           eval_batch_size=self.eval_batch_size, fold_precision=self.fold_precision,
+                           eval_backend=self.eval_backend, speed=self.speed, speed_rounds=self.speed_rounds,
                            threads=self.threads, isolate=self.isolate, include_base=self.include_base, progress=progress,
                            log_level=logging.WARNING if log_level is None else log_level)
 

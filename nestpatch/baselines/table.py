@@ -161,6 +161,10 @@ def _mark(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "not measured"}[met]
 
 
+_TORCH_EVAL = "each trained model in torch (float32)"
+_LLAMA_EVAL = "each folded GGUF in llama.cpp (`--eval-backend llama`)"
+
+
 def _fold_detail(r: dict) -> str:
     """`` (precision keep, min retention 0.031)`` for a GGUF fold that reports them (folds before the option do not)."""
     if r.get("fold_min_retention") is None:
@@ -199,12 +203,13 @@ def render_markdown(table: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     out = [f"# nestpatch bench: {table['model']}", ""]
     b = table.get("bench") or {}
+    llama = b.get("eval_backend") == "llama"
     libs = b.get("libraries") or {}
     mach = b.get("machine") or {}
     tc = b.get("train_config") or {}
     out += [
         f"Judge: {table.get('judge') or '–'} (ASR = share of harmful prompts not refused); greedy decoding, "
-        f"{b.get('max_new_tokens', '?')} new tokens"
+        f"{b.get('max_new_tokens', '?')} new tokens, " + (_LLAMA_EVAL if llama else _TORCH_EVAL)
         + (f"; only the first {table['limit']} prompts of each suite (--limit)" if table.get("limit") else "") + ".",
         f"Shared training data and seed: harmful {tc.get('harmful')}, benign {tc.get('benign')}, seed {tc.get('seed')}, "
         f"batch {tc.get('batch_size')}+{tc.get('batch_size')}, retain {tc.get('retain_loss')}, refusal targets {tc.get('refusal_targets')}.",
@@ -239,10 +244,12 @@ def render_markdown(table: dict) -> str:
              "types (only changed tensors are re-encoded, at the row's fold precision), so differences are noise of the "
              "shared machine unless large."
              if "new_tokens" in sp and "rounds" in sp else "- tok/s: not measured in this run (`--no-speed`)."),
-            "- The rates above are measured on the trained model in torch. A folded GGUF keeps, of each changed tensor's "
-            "update, the share its retention gives (1 = all of it): an update smaller than the base's quantization step "
-            "is rounded away, and that file then behaves like the base (`--fold-precision q8_0` or `auto` stores "
-            "changed tensors at higher precision).",
+            ("- The rates above are measured on each folded GGUF, whose retention (1 = all of the update) is listed "
+             "below; the KL is against the base's own file." if llama else
+             "- The rates above are measured on the trained model in torch. A folded GGUF keeps, of each changed tensor's "
+             "update, the share its retention gives (1 = all of it): an update smaller than the base's quantization step "
+             "is rounded away, and that file then behaves like the base (`--fold-precision q8_0` or `auto` stores "
+             "changed tensors at higher precision; `--eval-backend llama` measures the folded files)."),
             "- A refusal-phrase judge counts broken or off-topic text as compliance: circuit breakers, whose rerouted "
             "outputs are often broken text rather than refusals, are judged pessimistically by it.",
             "", "Targets:", ""]
