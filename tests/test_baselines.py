@@ -288,6 +288,7 @@ def test_fold_precision_keeps_an_update_that_q4_1_rounds_away(pico_gguf: Any, tm
 
     Retention is what the file keeps of the trained change; llama.cpp, reading the files, agrees with it.
     """
+    import gguf
     import torch
 
     from nestpatch.baselines.fold import fold_into_gguf
@@ -310,6 +311,14 @@ def test_fold_precision_keeps_an_update_that_q4_1_rounds_away(pico_gguf: Any, tm
     assert keep["min_retention"] < 0.5 and q8["min_retention"] > 0.9
     assert set(q8["types"].values()) == {"Q8_0"} and sorted(q8["retyped"]) == sorted(q8["types"])
     assert auto["types"] == q8["types"] and auto["min_retention"] == q8["min_retention"]  # auto upcasts what keep loses
+    # a single changed row: under keep, every other row of the tensor keeps its bytes
+    one = copy.deepcopy(base)
+    with torch.no_grad():
+        one.get_parameter("model.layers.0.self_attn.o_proj.weight")[3].add_(0.05)
+    fold_into_gguf(base_path, base, one, tmp_path / "row.gguf")
+    a, b = (next(t for t in gguf.GGUFReader(str(f)).tensors if t.name == "blk.0.attn_output.weight")
+            for f in (base_path, tmp_path / "row.gguf"))
+    assert [i for i in range(len(a.data)) if not np.array_equal(a.data[i], b.data[i])] == [3]
     with pytest.raises(InputError, match="fold precision 'q3'"):
         fold_into_gguf(base_path, base, merged, tmp_path / "bad.gguf", precision="q3")
     assert not (tmp_path / "bad.gguf").exists()

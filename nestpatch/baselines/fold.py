@@ -100,7 +100,7 @@ def _decode_rows(raw: np.ndarray, qtype: Any, n: int) -> np.ndarray:
 
 
 def _encode(values: np.ndarray, base_values: np.ndarray, qtype: Any, precision: str = "keep",
-            threshold: float = 0.9) -> tuple[np.ndarray, Any, float]:
+            threshold: float = 0.9, base_raw: np.ndarray | None = None) -> tuple[np.ndarray, Any, float]:
     """Encode float32 ``values`` for a tensor stored as ``qtype`` whose base values are ``base_values``.
 
     Returns ``(raw data, type, retention)``. The type is the first of apply's candidates for
@@ -108,6 +108,10 @@ def _encode(values: np.ndarray, base_values: np.ndarray, qtype: Any, precision: 
     ``threshold`` (else the last). Retention compares the decoded result with the base as the
     reader of each file sees it: the base decodes to ``base_values`` when the type is kept, and to
     the base re-encoded in the new type otherwise (the rule of ``nestpatch apply``).
+
+    When the type is kept and ``base_raw`` (the file's bytes of the tensor) is given, only the rows
+    that changed are re-encoded and every other row keeps its bytes: re-quantizing a K-quant row
+    is not exact, and a patch of a few hundred rows must not perturb the rest of the tensor.
     """
     from nestpatch.converters.fold_report import retention_stats
     from nestpatch.converters.gguf_fold import candidate_types
@@ -115,8 +119,14 @@ def _encode(values: np.ndarray, base_values: np.ndarray, qtype: Any, precision: 
     n = values.shape[-1]
     rows, base_rows = values.reshape(-1, n), base_values.reshape(-1, n)
     cands = candidate_types(qtype, n, precision)
+    changed = np.any(rows != base_rows, axis=1)
     for i, t in enumerate(cands):
-        raw = _encode_rows(rows, t)
+        if t == qtype and base_raw is not None:
+            raw = np.array(base_raw.reshape(len(rows), -1), copy=True)
+            if changed.any():
+                raw[changed] = _encode_rows(rows[changed], t)
+        else:
+            raw = _encode_rows(rows, t)
         base_seen = base_rows if t == qtype else _decode_rows(_encode_rows(base_rows, t), t, n)
         retention, _ = retention_stats(rows - base_rows, _decode_rows(raw, t, n) - base_seen)
         if precision != "auto" or retention >= threshold or i + 1 == len(cands):
@@ -178,7 +188,7 @@ def fold_into_gguf(base_gguf: str | os.PathLike, base_model: Any, merged: Any, o
             if t.name in by_gguf:
                 shape = [int(x) for x in reversed(t.shape)]  # numpy layout (rows, n)
                 arr, qtype, retention[t.name] = _encode(by_gguf[t.name].reshape(shape), base_by_gguf[t.name].reshape(shape),
-                                                        t.tensor_type, precision)
+                                                        t.tensor_type, precision, base_raw=np.asarray(t.data))
                 types[t.name] = qtype.name
                 if qtype != t.tensor_type:
                     retyped.append(t.name)
