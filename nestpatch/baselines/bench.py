@@ -33,11 +33,11 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import InputError, TrainingError
-from ..models.files import is_gguf
 from ..provenance import library_versions
 from ..train.config import TrainConfig
 from .options import DEFAULT_METHODS, DEFAULT_SUITES, EVAL_BACKENDS
-from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, needs_refold, read_json, run_job, write_json)
+from .jobs import (BASE, EvalSettings, FOLDED_GGUF, JOB_FILE, RESULT_FILE, Job, base_gguf, needs_refold, read_json, run_job,
+                   write_json)
 from .registry import get_method
 from .speed import SPEED_FILE, speed_stage
 
@@ -287,8 +287,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise InputError(f"{cfg.model}: no such model file or directory (or named model)")
     if model_path == out.resolve():
         raise InputError(f"{out}: the bench directory cannot be the model itself")
-    if cfg.eval_backend == "llama" and not (model_path.is_file() and is_gguf(model_path)):
-        raise InputError(f"{model_path}: --eval-backend llama evaluates folded GGUF files, so the base must be a .gguf file")
+    if cfg.eval_backend == "llama":
+        base_gguf(str(model_path))  # before any training
     cfg = dataclasses.replace(cfg, model=str(model_path))
     out.mkdir(exist_ok=True)
     tc = cfg.shared_train_config()

@@ -193,13 +193,13 @@ def _evaluate_gguf(path: Path, suites: list[Any], out: Path, job: Job, reference
     return run_suites(path, suites=suites, backend="llama", out_dir=out, options=opts)
 
 
-def base_gguf(job: Job) -> Path:
-    """The job's base model as a GGUF file, which ``--eval-backend llama`` needs."""
+def base_gguf(model: str) -> Path:
+    """The base model (path or named model) as a GGUF file, which ``--eval-backend llama`` needs."""
     from ..assets import resolve_model
 
-    path = resolve_model(job.model)
+    path = resolve_model(model)
     if not (path.is_file() and is_gguf(path)):
-        raise InputError(f"{job.model}: --eval-backend llama evaluates folded GGUF files, so the base must be a .gguf file")
+        raise InputError(f"{model}: --eval-backend llama evaluates folded GGUF files, so the base must be a .gguf file")
     return path
 
 
@@ -308,7 +308,7 @@ def method_job(job: Job) -> dict:
 def _method_job_llama(job: Job, outcome: TrainOutcome, m: Any) -> dict:
     """``--eval-backend llama``: fold first, then evaluate the folded GGUF in llama.cpp (KL against the base file)."""
     d = job.dir
-    base_path = base_gguf(job)
+    base_path = base_gguf(job.model)
     fold = read_json(d / FOLD_FILE)
     if fold is None or needs_refold(fold, job):
         lm, gen, util = _load_for_eval(job)
@@ -339,7 +339,7 @@ def base_job(job: Job) -> dict:
     if EvalSettings(**job.eval).backend == "llama":
         gen, _ = load_bench_suites(job.suites)
         t0 = time.perf_counter()
-        summary = _evaluate_gguf(base_gguf(job), gen, d / EVAL_DIR, job) if gen else None
+        summary = _evaluate_gguf(base_gguf(job.model), gen, d / EVAL_DIR, job) if gen else None
     else:
         lm, gen, _ = _load_for_eval(job)
         t0 = time.perf_counter()
