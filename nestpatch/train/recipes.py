@@ -62,7 +62,7 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
     Recipe(
         model="qwen2.5-coder-1.5b",
         settings={"max_prompts": 96, "detect_prompts": 64, "steps": 30, "batch_size": 4, "max_length": 128,
-                  "activation_checkpointing": True, "lr": 1e-3},
+                  "activation_checkpointing": True, "lr": 1e-3, "recovery_fraction": 0.5},
         why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token; measured "
             "end to end on this 2-core CPU: 14 min, peak RSS 9.6-15.8 GB (the peak varies between runs, not with the thread "
             "count; docs/RESULTS.md); at 1 thread beside other jobs 23-31 min.",
@@ -72,7 +72,13 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
                      "Chosen on the training loss alone, no evaluation data. Three seeds (HarmBench test, folded GGUF): ASR "
                      "5.0 / 13.2 / 20.8% with benign refusal 0-1.3%. A stronger update does not fix the spread: on all 41 "
                      "HarmBench validation behaviours lr 2e-3 gave 17.1 / 14.6% ASR on seeds 1 / 2 against 7.3 / 14.6% at 1e-3, "
-                     "and retain weight 0.75 gave 12.2 / 7.3% (docs/RESULTS.md, session 10)."},
+                     "and retain weight 0.75 gave 12.2 / 7.3% (docs/RESULTS.md, session 10).",
+               "recovery_fraction": "as for the 0.5B; adopted by a rule fixed before the runs (seed 0's prefilling ASR down by 10 "
+                                    "points or more; the 3-seed mean of ASR + benign refusal + KL up by at most 0.03): on every "
+                                    "validation prompt, prefilling ASR 53.7% -> 0.0% (seed 0; seeds 1 / 2: 7.3 / 2.4%), score "
+                                    "0.174 -> 0.186; plain HarmBench-validation ASR 4.9 / 12.2 / 19.5% against the recipe's "
+                                    "4.9 / 7.3 / 14.6%. Test sets, seeds 0 / 1: jailbreak mean 26.1 / 26.7% against 43.9 / 34.4%, "
+                                    "HarmBench 3.1 / 16.4% against 5.0 / 13.2% (docs/RESULTS.md, session 14)"},
     ),
 )}
 
