@@ -310,6 +310,28 @@ def test_consensus_detection_trains_and_records_its_subsamples(pico_dir: Path, t
     assert TrainConfig(model="smollm2", out="o.nestpatch", seed=1, detect_resamples=2).fingerprint() != plain.fingerprint()
 
 
+def test_detect_pool_sources_detects_on_more_prompts_than_training_uses(pico_dir: Path, tmp_path: Path) -> None:
+    """--detect-pool sources: detection samples the sources, training keeps its --max-prompts sample."""
+    from nestpatch.train.pipeline import train_policy
+
+    runs = {pool: train_policy(_cfg(pico_dir, tmp_path / f"{pool}.nestpatch", max_prompts=12, detect_prompts=40,
+                                    detect_pool=pool, steps=2))
+            for pool in ("training", "sources")}
+    seen = {pool: read_patch(r.paths.patch).provenance[ProvenanceKey.DETECTION]["prompts"] for pool, r in runs.items()}
+    assert seen["training"] == {"harmful": 12, "benign": 12}
+    assert seen["sources"] == {"harmful": 40, "benign": 40}
+    assert runs["sources"].config.max_prompts == 12 and runs["sources"].config.detect_pool == "sources"
+    # training reads the same prompt sample in both runs: only the neurons differ
+    data = {pool: read_patch(r.paths.patch).provenance[ProvenanceKey.DATA] for pool, r in runs.items()}
+    assert data["sources"] == data["training"]
+    assert runs["sources"].patch.n_neurons != runs["training"].patch.n_neurons or \
+        runs["sources"].detection != runs["training"].detection
+    with pytest.raises(InputError, match="--detect-pool 'all' invalid"):
+        TrainConfig(model="smollm2", out="o.nestpatch", detect_pool="all").validate()
+    plain = TrainConfig(model="smollm2", out="o.nestpatch", seed=1)
+    assert TrainConfig(model="smollm2", out="o.nestpatch", seed=1, detect_pool="sources").fingerprint() != plain.fingerprint()
+
+
 def test_cluster_seed_moves_the_clusters_and_nothing_else(pico_dir: Path, tmp_path: Path) -> None:
     import dataclasses
 

@@ -298,10 +298,15 @@ def method_job(job: Job) -> dict:
             if util else None)
     eval_s = round(time.perf_counter() - t0, 3)
     fold = _fold(job, lm, merged) if job.fold else None
+    return _write_method_result(job, m, outcome, _metrics(summary, usum, TRAINED), eval_s, fold)
+
+
+def _write_method_result(job: Job, m: Any, outcome: TrainOutcome, metrics: dict, eval_s: float, fold: dict | None) -> dict:
+    """One method's ``result.json`` (whichever backend measured it), written and returned."""
     result = {"method": m.name, "label": m.label, "description": m.description, "train": outcome.to_dict(),
-              "eval": _metrics(summary, usum, TRAINED), "eval_seconds": eval_s, "fold": fold, "job": job.identity(),
+              "eval": metrics, "eval_seconds": eval_s, "fold": fold, "job": job.identity(),
               "eval_peak_rss_mb": round(peak_rss_mb(), 1)}
-    write_json(d / RESULT_FILE, result)
+    write_json(job.dir / RESULT_FILE, result)
     return result
 
 
@@ -326,11 +331,7 @@ def _method_job_llama(job: Job, outcome: TrainOutcome, m: Any) -> dict:
     summary = _evaluate_gguf(folded, gen, d / (EVAL_DIR + tag), job) if gen else None
     usum = _evaluate_gguf(folded, util, d / (UTILITY_DIR + tag), job, reference=base_path) if util else None
     eval_s = round(time.perf_counter() - t0, 3)
-    result = {"method": m.name, "label": m.label, "description": m.description, "train": outcome.to_dict(),
-              "eval": _metrics(summary, usum, TRAINED, generation_variant=BASE), "eval_seconds": eval_s, "fold": fold,
-              "job": job.identity(), "eval_peak_rss_mb": round(peak_rss_mb(), 1)}
-    write_json(d / RESULT_FILE, result)
-    return result
+    return _write_method_result(job, m, outcome, _metrics(summary, usum, TRAINED, generation_variant=BASE), eval_s, fold)
 
 
 def base_job(job: Job) -> dict:

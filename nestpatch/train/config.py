@@ -31,6 +31,7 @@ RETAIN_LOSSES = ("kl", "ce", "none")
 ANSWER_BACKENDS = ("auto", "llama", "torch")
 SCHEDULES = ("cosine", "constant")
 BALANCE_BY = ("none", "source", "form")
+DETECT_POOLS = ("training", "sources")
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "training", **kw: Any) -> Any:
@@ -56,7 +57,7 @@ def read_toml(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 #: Options added after checkpoints and bench data caches were first keyed by
 #: :meth:`TrainConfig.fingerprint`: left out of it at their defaults, so those stay valid.
-_LATER_FIELDS = ("detect_resamples", "detect_consensus", "cluster_seed")
+_LATER_FIELDS = ("detect_resamples", "detect_consensus", "cluster_seed", "detect_pool")
 
 
 @dataclass
@@ -165,6 +166,10 @@ class TrainConfig:
                                        "tokens of a compliant answer (no loss), then the refusal (loss): refusal that is not only "
                                        "in the first tokens, against prefilling attacks (Qi et al., 2024). 0 disables.")
     recovery_tokens: int = _f(8, "Most tokens of the compliant opening in a recovery example (each draws 2..this many).")
+    detect_pool: str = _f("training", "Where --detect-prompts are drawn from: the training sample (--max-prompts) or every prompt "
+                                      "of the --harmful/--benign sources (sources). Detection needs no targets, so a detection "
+                                      "sample larger than the training sample costs forward passes only.",
+                          choices=DETECT_POOLS, group="detect")
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

@@ -7,6 +7,7 @@ sequences, so an interrupted run continues where it stopped instead of re-detect
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.util
 import logging
@@ -136,6 +137,20 @@ def load_training_prompts(cfg: TrainConfig) -> tuple[list[PromptSet], list[Promp
     return harmful, benign
 
 
+def detection_pool(cfg: TrainConfig, harmful: list[str], benign: list[str]) -> tuple[list[str], list[str]]:
+    """The prompts detection samples ``--detect-prompts`` from: the training prompts, or every prompt of the sources.
+
+    Why: ``--max-prompts`` bounds the training sample because each training prompt costs a generated
+    target; detection only runs forward passes, and a 1.5B recipe's 64-prompt detection sample is
+    where its neuron set (and so most of a seed's outcome) is drawn. ``sources`` lets detection
+    see more prompts than training without more targets. The same checks apply (no evaluation prompt).
+    """
+    if cfg.detect_pool != "sources" or not cfg.max_prompts:
+        return harmful, benign
+    h_sets, b_sets = load_training_prompts(dataclasses.replace(cfg, max_prompts=0))
+    return merge_prompt_sets(h_sets)[0], merge_prompt_sets(b_sets)[0]
+
+
 def _sample(items: list[Any], k: int, seed: int) -> list[Any]:
     if not k or k >= len(items):
         return list(items)
@@ -180,6 +195,7 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
     """
     if cfg.neurons:
         return neurons_from_patch(lm, cfg.neurons)
+    harmful, benign = detection_pool(cfg, harmful, benign)
     bars = bars or _Bars(False)
     seed = int(cfg.seed or 0)
     common = dict(modules=cfg.modules, layers=cfg.layers or None, detector=cfg.detector, threshold=cfg.threshold,

@@ -42,7 +42,7 @@ _LOOP = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_step
 #: Fields read only by detection and clustering.
 _DETECT = ("modules", "layers", "detector", "threshold", "min_weight", "max_neurons_per_module", "pool", "probe_epochs",
            "probe_lr", "probe_weight_decay", "probe_standardize", "clusters", "k_min", "k_max", "detect_prompts",
-           "detect_resamples", "detect_consensus", "cluster_seed")
+           "detect_resamples", "detect_consensus", "cluster_seed", "detect_pool")
 #: Fields read only when building the training sequences.
 _EXAMPLES = ("refusal_targets", "retain_loss", "retain_answer_tokens", "recovery_fraction", "recovery_tokens")
 
