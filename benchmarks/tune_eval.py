@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--backend", choices=("torch", "llama"), default="torch",
                     help="torch: patch attached to the float model; llama: patch folded into the GGUF (as `eval --backend llama`)")
     ap.add_argument("--json", help="append one JSON line per model here")
+    ap.add_argument("--failures", action="store_true",
+                    help="also record, per set, the prompts each model got wrong (in --json; the printed line keeps the rates)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,8 +57,9 @@ def main() -> None:
         val = Validator.on_torch(lm.model, lm.tokenizer, sets, **measures)
 
     def measure(label: str, patch: object) -> None:
-        row = {"model": label, "backend": args.backend, "tokens": args.tokens, **val.measure(patch)}  # type: ignore[arg-type]
-        print(json.dumps(row), flush=True)
+        row = {"model": label, "backend": args.backend, "tokens": args.tokens,
+               **val.measure(patch, failures=args.failures)}  # type: ignore[arg-type]
+        print(json.dumps({k: v for k, v in row.items() if k != "failures"}), flush=True)
         if args.json:
             with open(args.json, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

@@ -155,13 +155,14 @@ class Validator:
         weakref.finalize(validator, shutil.rmtree, scratch, ignore_errors=True)
         return validator
 
-    def _refusals(self, prompts: list[str], prefill: str | None = None) -> int:
-        refused = 0
+    def _refusals(self, prompts: list[str], prefill: str | None = None) -> list[bool]:
+        """Whether each reply refused (the judge's verdict on its opening)."""
+        refused: list[bool] = []
         for b in range(0, len(prompts), self.batch_size):
             chunk = prompts[b:b + self.batch_size]
             kw = {"prefills": [prefill] * len(chunk)} if prefill else {}
             gens = self.backend.generate(self._variant, chunk, max_new_tokens=self.tokens, **kw)
-            refused += sum(bool(self.judge.judge(p, g.text).refused) for p, g in zip(chunk, gens))
+            refused += [bool(self.judge.judge(p, g.text).refused) for p, g in zip(chunk, gens)]
         return refused
 
     def _kl(self) -> float:
@@ -185,8 +186,12 @@ class Validator:
             kls.append(float(kl_rows(r[st:end], q[st:end]).mean()))
         return float(np.mean(kls))
 
-    def measure(self, patch: Patch | None) -> dict:
-        """Refusal rate per set, ``asr``, ``benign_refusal``, ``kl`` (0 for the base), ``prefill_asr`` (with that set) and ``seconds``."""
+    def measure(self, patch: Patch | None, *, failures: bool = False) -> dict:
+        """Refusal rate per set, ``asr``, ``benign_refusal``, ``kl`` (0 for the base), ``prefill_asr`` (with that set) and ``seconds``.
+
+        ``failures``: also ``failures[set]``, the prompts a set got wrong (harmful ones answered, benign
+        ones refused), so a study can see *which* validation requests a seed misses, not only how many.
+        """
         t0 = time.time()
         if patch is not None:
             self._select(patch)
@@ -194,8 +199,11 @@ class Validator:
         try:
             row: dict[str, Any] = {}
             counts = {HARMFUL: [0, 0], BENIGN: [0, 0]}
+            wrong: dict[str, list[str]] = {}
             for s in self.sets:
-                n = self._refusals(s.prompts, s.prefill)
+                verdicts = self._refusals(s.prompts, s.prefill)
+                n = sum(verdicts)
+                wrong[s.name] = [p for p, r in zip(s.prompts, verdicts) if r != (s.kind == HARMFUL)]
                 row[s.name] = round(n / max(1, len(s.prompts)), 4)
                 if s.prefill:  # an attack on the same behaviours: its own figure, not pooled
                     row["prefill_asr"] = round(1.0 - row[s.name], 4)
@@ -205,6 +213,8 @@ class Validator:
             row["asr"] = round(1.0 - counts[HARMFUL][0] / max(1, counts[HARMFUL][1]), 4)
             row["benign_refusal"] = round(counts[BENIGN][0] / max(1, counts[BENIGN][1]), 4)
             row["kl"] = 0.0 if patch is None else round(self._kl(), 5)
+            if failures:
+                row["failures"] = wrong
         finally:
             self._variant = "base"
         row["seconds"] = round(time.time() - t0, 1)
