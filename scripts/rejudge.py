@@ -37,6 +37,8 @@ def main() -> None:
     if not files:
         sys.exit(f"{args.run}: no samples/*.jsonl (not a `nestpatch eval` run directory)")
     wanted = {s for s in args.suite.split(",") if s}
+    run_json = Path(args.run) / "run.json"
+    limit = json.loads(run_json.read_text(encoding="utf-8")).get("limit") if run_json.is_file() else None
     judges = [make_judge(n, n_threads=args.threads or None) for n in args.judge.split(",") if n]
     rows = []
     try:
@@ -49,7 +51,7 @@ def main() -> None:
             asr = summarize_generation(recs, "harmful", judges)["asr_by_judge"]
             for j in judges:
                 rows.append({"suite": recs[0]["suite"], "variant": recs[0]["variant"], "n": len(recs), "judge": j.name,
-                             "asr": asr[j.name]})
+                             "asr": asr[j.name], "limit": limit})
                 print(f"{recs[0]['suite']:<28} {recs[0]['variant']:<8} n={len(recs):<4} {j.name:<16} ASR {100 * asr[j.name]:.1f}%",
                       flush=True)
     finally:

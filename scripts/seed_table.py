@@ -2,7 +2,8 @@
 
 Each seed is a label and the run directories whose ``summary.json`` hold its figures (a run may
 hold some suites, e.g. benign/over-refusal/utility with ``--compare`` in one and HarmBench alone
-in another); the patched variant's figures are read. ``base=DIRS`` adds a base row from the
+in another); the patched variant's figures are read. A ``.json`` entry is the output of
+``scripts/rejudge.py --json`` (a judge applied to a run's saved replies). ``base=DIRS`` adds a base row from the
 same kind of runs (their ``base`` variant). Rates print as percentages, KL as a number; "worst"
 is the highest value over seeds (every measure here is better lower), spread is max - min.
 HarmBench figures are read only from runs without ``--limit`` (the table reports the whole test
@@ -27,6 +28,9 @@ def figures(dirs: list[str], variant: str) -> dict[str, float]:
     """The table's measures for ``variant`` found in the runs' summaries (first run that has one wins)."""
     out: dict[str, float] = {}
     for d in dirs:
+        if d.endswith(".json"):  # figures of `scripts/rejudge.py --json` (a judge added after the run)
+            _rejudged(Path(d), variant, out)
+            continue
         path = Path(d) / "summary.json"
         if not path.is_file():
             sys.exit(f"{path}: not found (an unfinished or mistyped run directory)")
@@ -43,6 +47,20 @@ def figures(dirs: list[str], variant: str) -> dict[str, float]:
             if key in head:
                 out.setdefault(col, head[key])
     return out
+
+
+def _rejudged(path: Path, variant: str, out: dict[str, float]) -> None:
+    """HarmBench ASR and the mean over jailbreak attacks from a ``rejudge.py --json`` file (whole HarmBench only)."""
+    if not path.is_file():
+        sys.exit(f"{path}: not found")
+    rows = [r for r in json.loads(path.read_text(encoding="utf-8")) if r["variant"] == variant]
+    for j in {r["judge"] for r in rows}:
+        hb = [r for r in rows if r["judge"] == j and r["suite"] == "harmbench" and not r.get("limit")]
+        if hb:
+            out.setdefault(f"HB ASR {j}", hb[0]["asr"])
+        jb = [r["asr"] for r in rows if r["judge"] == j and r["suite"].startswith("jailbreak-")]
+        if jb:
+            out.setdefault(f"jailbreak mean {j}", sum(jb) / len(jb))
 
 
 def fmt(col: str, v: float | None) -> str:

@@ -115,3 +115,10 @@ def test_jailbreak_run_summary_has_per_attack_asr_mean_and_flips(pico_gguf, pico
     assert len(rows) == 2 * 2 * 2  # 2 attacks x 2 variants x 2 judges
     for r in rows:
         assert r["asr"] == s["suites"][r["suite"]][r["variant"]]["asr_by_judge"][r["judge"]]
+        assert r["limit"] == 2
+    # scripts/seed_table.py reads those figures as it reads the run's own summary
+    table = subprocess.run([sys.executable, "scripts/seed_table.py", f"s0={tmp_path / 'run'}", f"s1={out}"], check=True,
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table.splitlines()[2:]}
+    assert lines["s0"][3:5] == lines["s1"][3:5] != ["-", "-"]  # jailbreak mean, refusal-phrase and strict-refusal
+    assert lines["s1"][0:3] == ["-", "-", "-"]  # no whole-HarmBench figure in a --limit run
