@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, ContextManager, Iterator
 
 from ..errors import InputError
+from ..memory import peak_rss_mb
 from ..train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -128,12 +127,6 @@ class ParamGroup:
 
 
 # ------------------------------------------------------------------------------------ measurements
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
 
 
 class RssSampler:

@@ -12,8 +12,6 @@ import datetime as _dt
 import importlib.util
 import logging
 import random
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from ..data import PromptSet, eval_prompt_index, load_many, normalise
 from ..data.sources import BUILTIN_DIR
 from ..detect import detect, detect_consensus
 from ..errors import InputError
+from ..memory import peak_rss_mb
 from ..fingerprint import attach_sketches
 from ..format import Patch, write_patch
 from ..format.constants import PolicyKey, ProvenanceKey
@@ -85,11 +84,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
-
-
 def _check_output(paths: OutputPaths) -> None:
     parent = paths.patch.parent
     if not parent.exists():
@@ -392,7 +386,7 @@ def train_policy(config: TrainConfig, *, progress: bool = False, explicit: set[s
     if not cfg.keep_checkpoint:
         ckpt.remove()
     timings["total_s"] = round(time.time() - t_all, 2)
-    return TrainResult(paths, patch, cfg, det_stats, per_layer, cstats, summary, timings, _peak_rss_mb(), start)
+    return TrainResult(paths, patch, cfg, det_stats, per_layer, cstats, summary, timings, peak_rss_mb(), start)
 
 
 def _model_revision(source: Path) -> str:
@@ -431,7 +425,7 @@ def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets:
         "training": {
             "steps": summary.steps, "resumed_at": summary.start_step, "first": summary.first, "final": summary.final,
             "targets": ex_info, "chat_template_sha256": text_digest(tmpl) if tmpl else None,
-            "qat": cfg.qat, "recipe": recipe or {"name": cfg.recipe}, "timings_s": timings, "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "qat": cfg.qat, "recipe": recipe or {"name": cfg.recipe}, "timings_s": timings, "peak_rss_mb": round(peak_rss_mb(), 1),
             "device": str(next(iter(deltas.parameters())).device),
         },
     }

@@ -1,0 +1,44 @@
+"""nestpatch.memory: a fixed mmap threshold gives freed large blocks back to the OS (glibc)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# A 16 MB block freed raises glibc's dynamic threshold to 16 MB; then 200 temporaries of 2 MB, each
+# followed by a small block that stays, as a model load's dequantized tensors and what it keeps.
+_FRAGMENT = """
+import sys
+import numpy as np
+from nestpatch.memory import fix_mmap_threshold
+print(int(fix_mmap_threshold()) if sys.argv[1] == "fixed" else -1)
+a = np.ones(2 << 20); del a
+keep, big = [], []
+for i in range(200):
+    big.append(np.ones(1 << 18)); keep.append(np.ones(64))
+del big
+print(int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20)
+"""
+
+
+def _run(mode: str, threshold: str | None = None) -> tuple[int, int]:
+    """(whether fix_mmap_threshold set it: 1/0, or -1 when not called; RSS in MB after the temporaries are freed)."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = threshold
+    out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], check=True, capture_output=True, text=True, env=env).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_fixed_mmap_threshold_returns_freed_temporaries_to_the_os() -> None:
+    (_, default_mb), (was_set, fixed_mb) = _run("default"), _run("fixed")
+    assert was_set == 1
+    # 400 MB of freed temporaries stay resident under glibc's dynamic threshold, not under a fixed one
+    assert default_mb - fixed_mb > 300, (default_mb, fixed_mb)
+    # a user's own MALLOC_MMAP_THRESHOLD_ is left to glibc: nothing is set, and glibc's fixed value works the same
+    was_set, user_mb = _run("fixed", threshold="131072")
+    assert was_set == 0 and user_mb < default_mb - 300
