@@ -369,3 +369,26 @@ def test_tune_with_two_seeds_scores_each_trial_by_its_seeds_mean(pico_dir: Path,
     table = (out / "pareto.md").read_text()
     assert "ASR worst seed" in table and "means over seeds [5, 6]" in table
     assert json.loads((out / "validation.json").read_text())["seeds"] == 2  # a resume must keep the seed count
+
+
+def test_a_session_trains_on_another_patchs_neurons_with_the_same_sequences(pico_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``neurons`` replaces detection only: the session reuses the sequences (memory and disk) and the neurons are the patch's."""
+    import nestpatch.tune.session as session_mod
+    from nestpatch.format import write_patch
+    from nestpatch.tune.session import TrainSession
+
+    built: list[int] = []
+    real = session_mod.build_examples
+    monkeypatch.setattr(session_mod, "build_examples", lambda *a, **k: built.append(1) or real(*a, **k))
+    cfg = TrainConfig(model=str(pico_dir), out=str(tmp_path / "a.nestpatch"), max_prompts=12, detect_prompts=12, steps=2,
+                      batch_size=4, retain_answer_tokens=4, max_length=64, refusal_targets="template", threads=1,
+                      warmup_steps=1, threshold=1.5, seed=1)
+    first = TrainSession(str(pico_dir), cache_dir=tmp_path / "cache")
+    own = first.train(cfg)
+    donor = write_patch(own.patch, tmp_path / "donor.nestpatch")
+    other = TrainSession(str(pico_dir), cache_dir=tmp_path / "cache").train(cfg.merged({"neurons": str(donor), "seed": 1}))
+    assert len(built) == 1  # the second session read the first one's sequences from disk
+    assert [(t.name, t.indices.tolist()) for t in other.patch.targets] == [(t.name, t.indices.tolist()) for t in own.patch.targets]
+    redetect = first.train(cfg.merged({"threshold": 1.0}))
+    assert len(built) == 1 and redetect.patch.n_neurons != own.patch.n_neurons  # detection settings never rebuild them either

@@ -11,6 +11,8 @@ later misses the cache (slower, never wrong).
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -138,8 +140,12 @@ class TrainSession:
 
     def examples(self, cfg: TrainConfig, harmful: list[str], h_cats: list[str | None], benign: list[str]
                  ) -> tuple[list[Example], list[Example], dict]:
-        """Harmful and benign training sequences for ``cfg`` (cached)."""
-        key = stage_key(cfg, _RUNTIME + _LOOP + _DETECT)
+        """Harmful and benign training sequences for ``cfg`` (cached).
+
+        ``--neurons`` replaces detection only: a run on another patch's neurons shares the sequences
+        of the same config without it (keyed as if unset, so earlier caches stay valid).
+        """
+        key = stage_key(dataclasses.replace(cfg, neurons=None), _RUNTIME + _LOOP + _DETECT)
         if key in self._examples:
             return self._examples[key]
         disk = self._disk(f"ex-{key}")
