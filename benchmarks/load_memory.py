@@ -1,11 +1,12 @@
-"""Resident memory of a model load (and a detection pass) with glibc's default mmap threshold and a fixed one.
+"""Memory and time of a model load, a detection pass and backward passes under glibc's mmap-threshold settings.
 
 Runs each setting in a fresh process of its own, one after the other, and prints RSS after the
 load, RSS after pooling activations on ``--prompts`` built-in prompts, RSS after ``--train-steps``
-backward passes, peak RSS and the seconds each took, then the ratios. See ``nestpatch.memory`` for why the threshold matters.
+backward passes, peak RSS and the seconds each took, then the ratios to glibc's default. See
+``nestpatch.memory`` for why the threshold matters.
 
     python benchmarks/load_memory.py --model smollm2 --prompts 64
-    python benchmarks/load_memory.py --model qwen2.5-coder-1.5b --prompts 32 --threads 2
+    python benchmarks/load_memory.py --model qwen2.5-coder-0.5b --prompts 64 --modes default,131072 --train-steps 0
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def child(model: str, prompts: int, mode: str, threads: int, train_steps: int) -
     def trim() -> None:
         if mode == "trim":
             libc.malloc_trim(0)
+
     import torch
 
     if threads:

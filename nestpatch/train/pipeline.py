@@ -27,10 +27,10 @@ from ..data import PromptSet, eval_prompt_index, load_many, normalise
 from ..data.sources import BUILTIN_DIR
 from ..detect import detect, detect_consensus
 from ..errors import InputError
-from ..memory import peak_rss_mb
 from ..fingerprint import attach_sketches
 from ..format import Patch, write_patch
 from ..format.constants import PolicyKey, ProvenanceKey
+from ..memory import peak_rss_mb
 from ..models.loading import LoadedModel, load_model, torch_neuron_vectors
 from ..provenance import file_digest, library_versions, text_digest
 from .adapter import SharedDeltas, TargetSpec
@@ -135,9 +135,10 @@ def detection_pool(cfg: TrainConfig, harmful: list[str], benign: list[str]) -> t
     """The prompts detection samples ``--detect-prompts`` from: the training prompts, or every prompt of the sources.
 
     Why: ``--max-prompts`` bounds the training sample because each training prompt costs a generated
-    target; detection only runs forward passes, and a 1.5B recipe's 64-prompt detection sample is
-    where its neuron set (and so most of a seed's outcome) is drawn. ``sources`` lets detection
-    see more prompts than training without more targets. The same checks apply (no evaluation prompt).
+    target; detection only runs forward passes. ``sources`` lets detection see more prompts than
+    training without more targets: on Qwen2.5-Coder-1.5B, 160 + 160 prompts instead of 64 + 64 made
+    two seeds' neuron sets share 62% of their neurons instead of 39-41% (docs/RESULTS.md, session 15;
+    the patch's validation ASR did not improve). The same checks apply (no evaluation prompt).
     """
     if cfg.detect_pool != "sources" or not cfg.max_prompts:
         return harmful, benign
