@@ -324,8 +324,6 @@ def test_detect_pool_sources_detects_on_more_prompts_than_training_uses(pico_dir
     # training reads the same prompt sample in both runs: only the neurons differ
     data = {pool: read_patch(r.paths.patch).provenance[ProvenanceKey.DATA] for pool, r in runs.items()}
     assert data["sources"] == data["training"]
-    assert runs["sources"].patch.n_neurons != runs["training"].patch.n_neurons or \
-        runs["sources"].detection != runs["training"].detection
     with pytest.raises(InputError, match="--detect-pool 'all' invalid"):
         TrainConfig(model="smollm2", out="o.nestpatch", detect_pool="all").validate()
     plain = TrainConfig(model="smollm2", out="o.nestpatch", seed=1)
