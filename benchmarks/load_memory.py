@@ -27,10 +27,12 @@ def child(model: str, prompts: int, mode: str, threads: int, train_steps: int) -
     """
     import ctypes
 
-    from nestpatch.memory import fix_mmap_threshold, peak_rss_mb
+    from nestpatch.memory import fix_mmap_threshold, keep_glibc_default, peak_rss_mb
 
     if mode.isdigit():
         fix_mmap_threshold(int(mode))
+    else:
+        keep_glibc_default()  # load_model would fix it for a large model
     libc = ctypes.CDLL("libc.so.6")
 
     def trim() -> None:

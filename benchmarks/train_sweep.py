@@ -29,9 +29,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    from nestpatch.memory import fix_mmap_threshold
-
-    fix_mmap_threshold()  # before the model loads: see nestpatch.memory
 
     from nestpatch.format import write_patch
     from nestpatch.train.config import TrainConfig

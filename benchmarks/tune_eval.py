@@ -38,9 +38,6 @@ def main() -> None:
     ap.add_argument("--failures", action="store_true",
                     help="also record, per set, the prompts each model got wrong (in --json; the printed line keeps the rates)")
     args = ap.parse_args()
-    from nestpatch.memory import fix_mmap_threshold
-
-    fix_mmap_threshold()  # before the model loads: see nestpatch.memory
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -7,7 +7,10 @@ on 64-bit), and a fragmented heap is not given back to the OS. Measured on Qwen2
 (docs/RESULTS.md, session 15): 14.1 GB resident after the load with glibc's defaults, 7.1 GB with
 a fixed 128 KiB threshold; the default's RSS then grew by about 1 GB every 2 minutes of detection
 and the OOM killer ended a training run at 21.3 GB. A fixed threshold serves every large block
-from mmap, which returns it to the OS when freed.
+from mmap, which returns it to the OS when freed. It costs time: each such block is fresh pages
+(SmolLM2 on an idle 2-core machine: detection 1.4-1.6x and backward passes 1.3-1.4x as long), so
+:func:`load_model` fixes it only for models whose weight files reach :data:`LARGE_MODEL_BYTES`,
+where the memory decides whether a run fits at all.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import resource
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,10 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 128 * 1024
 #: The variable glibc itself reads at start-up; when the user set it, their value stands.
 GLIBC_ENV = "MALLOC_MMAP_THRESHOLD_"
+#: Weight files at least this large (Qwen2.5-Coder-0.5B's GGUF is 491 MB; SmolLM2's 98 MB) get the fixed threshold.
+LARGE_MODEL_BYTES = 400 * 2**20
+
+_decided = False  # the first call of fix_mmap_threshold / keep_glibc_default wins for the process
 
 
 def peak_rss_mb() -> float:
@@ -37,12 +45,15 @@ def peak_rss_mb() -> float:
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process; True when it was set.
 
-    A no-op (False) off glibc (macOS, musl) and when ``MALLOC_MMAP_THRESHOLD_`` is in the
-    environment (glibc already applied the user's value). Call it before large allocations:
-    blocks allocated before keep their place.
+    A no-op (False) off glibc (macOS, musl), when ``MALLOC_MMAP_THRESHOLD_`` is in the
+    environment (glibc already applied the user's value), and after an earlier decision
+    (this function or :func:`keep_glibc_default`). Call it before large allocations: blocks
+    allocated before keep their place.
     """
-    if GLIBC_ENV in os.environ or not sys.platform.startswith("linux"):
+    global _decided
+    if _decided or GLIBC_ENV in os.environ or not sys.platform.startswith("linux"):
         return False
+    _decided = True
     try:  # the process's own symbols: glibc is loaded, and no ldconfig subprocess runs (find_library would)
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -51,3 +62,17 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     ok = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold, ok)
     return ok
+
+
+def keep_glibc_default() -> None:
+    """Keep glibc's dynamic threshold for this process: later :func:`fix_mmap_threshold` calls do nothing."""
+    global _decided
+    _decided = True
+
+
+def weights_bytes(path: str | os.PathLike) -> int:
+    """Size of a model's weight files: the GGUF file, or a directory's ``*.safetensors``/``*.bin``."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in p.glob(pattern))

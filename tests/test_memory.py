@@ -42,3 +42,27 @@ def test_fixed_mmap_threshold_returns_freed_temporaries_to_the_os() -> None:
     # a user's own MALLOC_MMAP_THRESHOLD_ is left to glibc: nothing is set, and glibc's fixed value works the same
     was_set, user_mb = _run("fixed", threshold="131072")
     assert was_set == 0 and user_mb < default_mb - 300
+
+
+_LOAD = """
+import sys
+import nestpatch.models.loading as loading
+from nestpatch.memory import fix_mmap_threshold
+from nestpatch.testing import make_pico_model, write_hf_dir
+d = write_hf_dir(make_pico_model(seed=0), sys.argv[1])
+loading.LARGE_MODEL_BYTES = int(sys.argv[2])
+loading.load_model(str(d))
+print(int(fix_mmap_threshold()))  # 1: the load left the choice open; 0: the load already fixed it
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_load_model_fixes_the_threshold_only_for_large_weights(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def after_load(limit: int) -> str:
+        return subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path / f"m{limit}"), str(limit)], check=True,
+                              capture_output=True, text=True, env=env).stdout.split()[-1]
+
+    assert after_load(1 << 40) == "1"  # a small model keeps glibc's faster default
+    assert after_load(0) == "0"  # weights at the limit: fixed during the load

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from ..errors import NestpatchError
-from ..memory import fix_mmap_threshold
 
 
 def run_spec(spec: dict) -> dict:
@@ -31,7 +30,6 @@ def run_spec(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    fix_mmap_threshold()  # a method's model loads here: see nestpatch.memory
     if len(args) != 1:
         sys.stderr.write("usage: python -m nestpatch.baselines.worker SPEC.json\n")
         return 64

@@ -17,7 +17,6 @@ import click
 
 from .. import __version__
 from ..errors import NestpatchError
-from ..memory import fix_mmap_threshold
 from .options import add_verbosity
 from .terminal import error_line
 
@@ -55,7 +54,6 @@ class NestpatchGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv
-        fix_mmap_threshold()  # before any model is loaded: see nestpatch.memory
         code: int
         try:
             rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)

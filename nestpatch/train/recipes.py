@@ -65,7 +65,7 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
                   "activation_checkpointing": True, "lr": 1e-3, "recovery_fraction": 0.5},
         why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token; measured "
             "end to end on this 2-core CPU: 14 min; at 1 thread beside other jobs 23-31 min. Peak RSS was 9.6-15.8 GB, varying "
-            "between runs, until the CLI fixed glibc's mmap threshold (nestpatch.memory): then 8.2-9.1 GB, the rest had been a "
+            "between runs, until model loading fixed glibc's mmap threshold for large models (nestpatch.memory): then 8.2-9.1 GB, the rest had been a "
             "fragmented heap (docs/RESULTS.md, session 15).",
         notes={"max_length": "as for the 0.5B", "activation_checkpointing": "as for the 0.5B (3.6x its activations per token)",
                "lr": "the default 2e-2 diverged on this model: the training loss went from 0.83 to 6.1 at the second step "
