@@ -20,7 +20,6 @@ import logging
 import os
 import resource
 import sys
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +68,3 @@ def keep_glibc_default() -> None:
     global _decided
     _decided = True
 
-
-def weights_bytes(path: str | os.PathLike) -> int:
-    """Size of a model's weight files: the GGUF file, or a directory's ``*.safetensors``/``*.bin``."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in p.glob(pattern))

@@ -58,8 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..errors import InputError, TrainingError
+from ..memory import peak_rss_mb
+from ..models.files import path_bytes
 from ..models.loading import LoadedModel
-from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, timed
+from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, timed
 from .data import load_method_inputs
 from .lora import lora_parameters, make_peft_model, merge_adapter, save_adapter
 

@@ -166,14 +166,6 @@ class RssSampler:
         self.peak_mb = max(self.peak_mb, self._rss_mb())
 
 
-def path_bytes(path: str | os.PathLike) -> int:
-    """Size of a file, or of every file under a directory."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
 @contextlib.contextmanager
 def timed(timings: dict[str, float], key: str) -> Iterator[None]:
     """Add the block's wall time to ``timings[key]`` (seconds, rounded)."""

@@ -23,8 +23,10 @@ from typing import Any, Iterator
 
 from ..atomic import atomic_path
 from ..errors import InputError
+from ..memory import peak_rss_mb
+from ..models.files import path_bytes
 from ..models.loading import LoadedModel
-from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
+from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary
 from .data import load_method_inputs
 from .loop import run_trainer
 

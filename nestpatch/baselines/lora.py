@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import atomic_dir
-from ..errors import InputError
 from ..converters.lora_export import PEFT_CONFIG, PEFT_WEIGHTS
+from ..errors import InputError
+from ..memory import peak_rss_mb
+from ..models.files import path_bytes
 from ..models.loading import LoadedModel
 from ..models.naming import MODULE_AXIS
-from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary, path_bytes, peak_rss_mb
+from .common import ARTIFACT_DIR, MethodContext, ParamGroup, TrainOutcome, loss_summary
 from .data import load_method_inputs
 from .loop import run_trainer
 

@@ -17,8 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..memory import peak_rss_mb
+from ..models.files import path_bytes
 from ..models.loading import LoadedModel
-from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, path_bytes, peak_rss_mb, read_jsonl
+from .common import ARTIFACT_DIR, TRAIN_LOG, MethodContext, TrainOutcome, loss_summary, read_jsonl
 
 log = logging.getLogger(__name__)
 

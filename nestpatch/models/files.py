@@ -320,6 +320,14 @@ def describe_hf_config(config: Any) -> dict:
                            | {"model_type": getattr(config, "model_type", None)})
 
 
+
+def path_bytes(path: str | os.PathLike) -> int:
+    """Size of a file, or of every file under a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
 def is_gguf(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a GGUF file (by its suffix, in any case): the one dispatch test."""
     p = Path(path)

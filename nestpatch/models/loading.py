@@ -19,8 +19,8 @@ from ..errors import InputError, UnsupportedError
 from ..fingerprint import fingerprint_info
 from ..format.constants import AXIS_ROW, BaseKey
 from ..format.patch import Target
-from ..memory import LARGE_MODEL_BYTES, fix_mmap_threshold, weights_bytes
-from .files import describe_hf_config, is_gguf
+from ..memory import LARGE_MODEL_BYTES, fix_mmap_threshold
+from .files import describe_hf_config, is_gguf, path_bytes
 from .naming import check_architecture
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "auto", dtype: str = "f
     path = resolve_model(spec)
     if not path.exists():
         raise InputError(f"{path}: no such model file or directory")
-    if weights_bytes(path) >= LARGE_MODEL_BYTES:
+    if path_bytes(path) >= LARGE_MODEL_BYTES:
         fix_mmap_threshold()  # a large load would otherwise leave GBs of fragmented heap: see nestpatch.memory
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
