@@ -34,6 +34,7 @@ from ..memory import peak_rss_mb
 from ..models.loading import LoadedModel, load_model, torch_neuron_vectors
 from ..provenance import file_digest, library_versions, text_digest
 from .adapter import SharedDeltas, TargetSpec
+from .answer_cache import AnswerCache
 from .checkpoint import CheckpointDir
 from .config import TrainConfig
 from .datamix import balance
@@ -216,12 +217,15 @@ def select_neurons(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], benign
 
 
 def build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats: list[str | None], benign: list[str],
-                   bars: _Bars | None = None) -> tuple[list[Example], list[Example], dict]:
-    """Refusal targets for harmful prompts and the base model's own answers for benign ones."""
+                   bars: _Bars | None = None, answers: AnswerCache | None = None) -> tuple[list[Example], list[Example], dict]:
+    """Refusal targets for harmful prompts and the base model's own answers for benign ones.
+
+    ``answers``: base-model answers kept across trainings (a tune or sweep session passes one).
+    """
     bars = bars or _Bars(False)
     llama = answer_decoder(lm, cfg)
     try:
-        return _build_examples(lm, cfg, harmful, h_cats, benign, bars, llama)
+        return _build_examples(lm, cfg, harmful, h_cats, benign, bars, llama, answers if answers is not None else AnswerCache())
     finally:
         if llama is not None:
             llama.close()
@@ -242,17 +246,24 @@ def answer_decoder(lm: LoadedModel, cfg: TrainConfig) -> LlamaAnswers | None:
 
 
 def _build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cats: list[str | None], benign: list[str],
-                    bars: _Bars, llama: LlamaAnswers | None) -> tuple[list[Example], list[Example], dict]:
+                    bars: _Bars, llama: LlamaAnswers | None, cache: AnswerCache) -> tuple[list[Example], list[Example], dict]:
     tok, seed = lm.tokenizer, int(cfg.seed or 0)
     judge_name, judge = refusal_judge()
-    info: dict[str, Any] = {"refusal_targets": "template", "judge": judge_name,
-                            "answers_from": "llama.cpp" if llama is not None else "torch"}
+    decoder = "llama.cpp" if llama is not None else "torch"
+    info: dict[str, Any] = {"refusal_targets": "template", "judge": judge_name, "answers_from": decoder}
+    hits_before = cache.hits
+
+    def answer(prompts: list[str], max_new_tokens: int, stage: str) -> list[list[int]]:
+        def generate(missing: list[str]) -> list[list[int]]:
+            return generate_answers(lm.model, tok, missing, max_new_tokens=max_new_tokens, batch_size=cfg.batch_size_detect,
+                                    max_length=cfg.max_length, progress=bars.counter(stage, len(missing)), llama=llama)
+        return cache.answers(prompts, decoder=decoder, max_new_tokens=max_new_tokens, max_length=cfg.max_length,
+                             generate=generate)
     mode = cfg.refusal_targets
     own_ids: list[list[int]] | None = None
     if mode in ("auto", "own"):
         sample = harmful if mode == "own" else _sample(harmful, STYLE_SAMPLE, seed + 2)
-        ids = generate_answers(lm.model, tok, sample, max_new_tokens=48, batch_size=cfg.batch_size_detect, max_length=cfg.max_length,
-                               progress=bars.counter("refusal style", len(sample)), llama=llama)
+        ids = answer(sample, 48, "refusal style")
         texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
         share = sum(judge(p, a) for p, a in zip(sample, texts)) / max(1, len(sample))
         info["base_refusal_share"] = round(share, 4)
@@ -260,8 +271,7 @@ def _build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cat
             if mode == "auto":  # the sample said yes: answer the other harmful prompts (greedy: the sample's answers stand)
                 done = dict(zip(sample, ids))
                 rest = [p for p in harmful if p not in done]
-                more = generate_answers(lm.model, tok, rest, max_new_tokens=48, batch_size=cfg.batch_size_detect,
-                                        max_length=cfg.max_length, progress=bars.counter("own refusals", len(rest)), llama=llama)
+                more = answer(rest, 48, "own refusals")
                 done.update(zip(rest, more))
                 ids = [done[p] for p in harmful]
                 texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
@@ -284,9 +294,10 @@ def _build_examples(lm: LoadedModel, cfg: TrainConfig, harmful: list[str], h_cat
         info["recovery_examples"] = len(recovery)
     b_examples: list[Example] = []
     if cfg.retain_loss != "none":
-        answers = generate_answers(lm.model, tok, benign, max_new_tokens=cfg.retain_answer_tokens, batch_size=cfg.batch_size_detect,
-                                   max_length=cfg.max_length, progress=bars.counter("base answers", len(benign)), llama=llama)
-        b_examples = [Example("benign", p, prompt_ids(tok, p, cfg.max_length), a) for p, a in zip(benign, answers) if a]
+        replies = answer(benign, cfg.retain_answer_tokens, "base answers")
+        b_examples = [Example("benign", p, prompt_ids(tok, p, cfg.max_length), a) for p, a in zip(benign, replies) if a]
+    if cache.hits > hits_before:
+        info["answers_reused"] = cache.hits - hits_before
     bars.close()
     return h_examples, b_examples, info
 

@@ -3,8 +3,10 @@
 ``nestpatch train`` loads the model, detects, builds targets and trains for one config. A search
 runs that for dozens of configs on the same model; :class:`TrainSession` keeps the model, the
 pooled activations (keyed by what they depend on, see :func:`nestpatch.detect.detect`), the
-neuron selection and the training sequences across them. Selection and sequences are cached in
-memory and, when ``cache_dir`` is given, on disk (so a resumed search skips them too). Cache
+neuron selection and the training sequences across them, and the base model's answers by prompt
+(:mod:`nestpatch.train.answer_cache`: other seeds and samples reuse them). Selection, sequences
+and answers are cached in memory and, when ``cache_dir`` is given, on disk (so a resumed search
+skips them too). Cache
 keys hash every config field except those known not to matter for the stage; a field added
 later misses the cache (slower, never wrong).
 """
@@ -27,6 +29,7 @@ import torch
 from ..format import Patch
 from ..models.loading import LoadedModel, load_model
 from ..train.adapter import SharedDeltas, TargetSpec
+from ..train.answer_cache import AnswerCache
 from ..train.checkpoint import CheckpointDir
 from ..train.config import TrainConfig
 from ..train.examples import Example
@@ -115,6 +118,8 @@ class TrainSession:
         self.activations: dict = LRUCache(activation_entries)
         self._selections: dict[str, tuple[list[TargetSpec], dict, dict]] = {}
         self._examples: dict[str, tuple[list[Example], list[Example], dict]] = {}
+        # base-model answers by prompt: seeds and samples overlap, and their stage keys differ
+        self.answers = AnswerCache.for_model(self.cache_dir, self.lm.source) if self.cache_dir else AnswerCache()
         tok = self.lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
@@ -151,7 +156,7 @@ class TrainSession:
         disk = self._disk(f"ex-{key}")
         got = disk.load_examples() if disk else None
         if got is None:
-            got = build_examples(self.lm, cfg, harmful, h_cats, benign)
+            got = build_examples(self.lm, cfg, harmful, h_cats, benign, answers=self.answers)
             if disk:
                 disk.save_examples(*got)
         self._examples[key] = got
