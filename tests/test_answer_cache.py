@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,9 @@ def test_model_key_changes_when_the_file_changes(tmp_path: Path) -> None:
     k = model_key(f)
     assert model_key(f) == k
     f.write_bytes(b"x" * 11)
+    assert model_key(f) != k
+    k = model_key(f)
+    os.utime(f, ns=(1, 1))  # same size, rewritten in place
     assert model_key(f) != k
 
 

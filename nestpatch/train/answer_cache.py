@@ -8,7 +8,7 @@ every seed paid it again although seeds draw overlapping samples and ``--max-pro
 the very same prompts. A greedy answer depends only on the model, the decoder, the prompt and
 the token limits, and those make the key here.
 
-The store is one JSON file per model (by path and size) next to the session's other caches,
+The store is one JSON file per model (by path, size and modification time) next to the session's other caches,
 rewritten atomically after each batch of new answers. Answers decoded together in llama.cpp can
 differ in rare near-ties from answers decoded in another batch; a reused answer is still one of
 the base model's greedy answers, which is what the training sequences need.
@@ -31,9 +31,10 @@ FORMAT = "nestpatch-answers/1"
 
 
 def model_key(source: str | Path) -> str:
-    """Short key of a model file or directory: its resolved path and size (a replaced file gets a new key)."""
+    """Short key of a model file or directory: its resolved path, size and modification time (a replaced file gets a new key)."""
     p = Path(source).resolve()
-    return hashlib.sha256(f"{p}|{path_bytes(p) if p.exists() else 0}".encode()).hexdigest()[:12]
+    stamp = f"{path_bytes(p)}|{p.stat().st_mtime_ns}" if p.exists() else "absent"
+    return hashlib.sha256(f"{p}|{stamp}".encode()).hexdigest()[:12]
 
 
 class AnswerCache:
