@@ -6,9 +6,8 @@ pooled activations (keyed by what they depend on, see :func:`nestpatch.detect.de
 neuron selection and the training sequences across them, and the base model's answers by prompt
 (:mod:`nestpatch.train.answer_cache`: other seeds and samples reuse them). Selection, sequences
 and answers are cached in memory and, when ``cache_dir`` is given, on disk (so a resumed search
-skips them too). Cache
-keys hash every config field except those known not to matter for the stage; a field added
-later misses the cache (slower, never wrong).
+skips them too). Cache keys hash every config field except those known not to matter for the
+stage; a field added later misses the cache (slower, never wrong).
 """
 
 from __future__ import annotations
