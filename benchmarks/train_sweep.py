@@ -54,7 +54,8 @@ def main() -> None:
         run = session.train(cfg, log_path=out / f"{name}.train.jsonl")
         write_patch(run.patch, out / f"{name}.nestpatch")
         print(json.dumps({"variant": name, "overrides": overrides, "neurons": run.neurons,
-                          "params": run.patch.trainable_parameters, "final": run.summary.final, **run.timings}), flush=True)
+                          "params": run.patch.trainable_parameters, "final": run.summary.final, "coverage": run.summary.coverage,
+                          **run.timings}), flush=True)
 
 
 if __name__ == "__main__":

@@ -395,7 +395,23 @@ def test_cli_train_with_config_file_and_flag_override(pico_dir: Path, tmp_path: 
     assert r.exit_code == 0, r.output
     assert "detection (mean_diff" in r.output and "trainable parameters" in r.output
     assert TrainConfig.from_toml(tmp_path / "cli.train.toml").steps == 2
-    assert read_patch(tmp_path / "cli.nestpatch").provenance["training"]["steps"] == 2
+    training = read_patch(tmp_path / "cli.nestpatch").provenance["training"]
+    assert training["steps"] == 2
+    # 2 steps x 4 rows draw 8 of the 16 prompts' sequences on each side: the run says it skipped half its data
+    cover = training["coverage"]
+    assert cover == {"harmful_sequences": 16, "harmful_seen": 8, "benign_sequences": 16, "benign_seen": 8}
+    assert "the steps drew 8 of 16 harmful and 8 of 16 benign training sequences" in r.output
+
+
+@pytest.mark.parametrize("size, draws", [(7, 0), (7, 5), (7, 7), (7, 9), (144, 120), (489, 496)])
+def test_epoch_sampler_seen_counts_the_distinct_rows_its_draws_reach(size: int, draws: int) -> None:
+    from nestpatch.train.trainer import EpochSampler
+
+    sampler = EpochSampler(size, seed=3, salt=1)
+    taken = [i for start in range(0, draws, 4) for i in sampler.take(start, min(4, draws - start))]
+    assert len(taken) == draws and sampler.seen(draws) == len(set(taken)) == min(draws, size)
+    if draws >= size:
+        assert sorted(taken[:size]) == list(range(size))  # the first epoch is a permutation: every row once
 
 
 @pytest.mark.parametrize("args, message", [

@@ -48,6 +48,8 @@ def _render(result: Any) -> str:
     lines += [
         f"clusters: {patch.n_clusters} over {len(patch.targets)} targets; trainable parameters: {patch.trainable_parameters:,}",
         f"training: {s.steps} steps (from {s.start_step}), final loss " + ", ".join(f"{k} {v:.4f}" for k, v in s.final.items()),
+        *([f"  the steps drew {c['harmful_seen']} of {c['harmful_sequences']} harmful and {c['benign_seen']} of "
+           f"{c['benign_sequences']} benign training sequences"] if (c := s.coverage) else []),
         f"seed {cfg.seed}; time {result.timings.get('total_s', 0):.0f} s; peak memory {result.peak_rss_mb:.0f} MB",
         f"wrote {result.paths.patch}",
         f"      {result.paths.config} (resolved config), {result.paths.log} (training log)",
@@ -94,7 +96,7 @@ def train_cmd(model: str | None, out: str | None, config_file: str | None, progr
         print_json({
             "out": str(result.paths.patch), "seed": result.config.seed, "detection": result.detection,
             "clusters": result.patch.n_clusters, "trainable_parameters": result.patch.trainable_parameters,
-            "final_loss": result.summary.final, "timings_s": result.timings, "peak_rss_mb": round(result.peak_rss_mb, 1),
+            "final_loss": result.summary.final, "coverage": result.summary.coverage, "timings_s": result.timings, "peak_rss_mb": round(result.peak_rss_mb, 1),
         })
     else:
         click.echo(_render(result))

@@ -436,6 +436,7 @@ def build_patch(lm: LoadedModel, cfg: TrainConfig, deltas: SharedDeltas, h_sets:
         ProvenanceKey.DETECTION: {**det_stats, "clusters": cstats},
         "training": {
             "steps": summary.steps, "resumed_at": summary.start_step, "first": summary.first, "final": summary.final,
+            "coverage": summary.coverage,
             "targets": ex_info, "chat_template_sha256": text_digest(tmpl) if tmpl else None,
             "qat": cfg.qat, "recipe": recipe or {"name": cfg.recipe}, "timings_s": timings, "peak_rss_mb": round(peak_rss_mb(), 1),
             "device": str(next(iter(deltas.parameters())).device),

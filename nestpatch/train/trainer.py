@@ -82,6 +82,10 @@ class EpochSampler:
     def take(self, start: int, n: int) -> list[int]:
         return [int(self._perm(k // self.size)[k % self.size]) for k in range(start, start + n)]
 
+    def seen(self, draws: int) -> int:
+        """How many distinct indices the first ``draws`` draws hold: each epoch is a permutation, so ``min(draws, size)``."""
+        return min(max(0, draws), self.size)
+
 
 #: Causal LMs whose logits are exactly ``lm_head(final hidden state)`` (no soft-capping or scaling after the head).
 _PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3")
@@ -113,6 +117,7 @@ class TrainSummary:
     final: dict = field(default_factory=dict)  # mean losses over the last 10 steps
     first: dict = field(default_factory=dict)  # losses of the first step run
     wall_s: float = 0.0
+    coverage: dict = field(default_factory=dict)  # see Trainer.coverage
 
 
 class Trainer:
@@ -143,6 +148,18 @@ class Trainer:
         self.b_sampler = EpochSampler(len(self.benign), seed, 2) if self.benign else None
         self.last_saved_step: int | None = None
         self.sparse_head = sparse_head_ok(model)
+
+    def coverage(self) -> dict[str, int]:
+        """How many of the training sequences the ``steps x grad_accum x batch_size`` draws ever reach.
+
+        Why: which rare harmful requests a run trains on was left to the seed when the steps drew
+        less than one epoch (docs/RESULTS.md, session 16: on Qwen2.5-Coder-1.5B, refusing persuasive
+        misinformation went with the steps having drawn the few persuasive-writing rows). The figure
+        goes into the patch's provenance and the log, so a run that skips part of its data says so.
+        """
+        draws = self.cfg.steps * self.cfg.grad_accum * self.cfg.batch_size
+        return {"harmful_sequences": len(self.harmful), "harmful_seen": self.h_sampler.seen(draws),
+                "benign_sequences": len(self.benign), "benign_seen": self.b_sampler.seen(draws) if self.b_sampler else 0}
 
     # -- one micro-batch ------------------------------------------------------------------------
     def _forward_keep(self, b: Batch, rows: slice = slice(None)) -> torch.Tensor:
@@ -207,6 +224,11 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def run(self, start_step: int = 0) -> TrainSummary:
         cfg = self.cfg
+        cover = self.coverage()
+        if cover["harmful_seen"] < cover["harmful_sequences"]:
+            per_epoch = math.ceil(cover["harmful_sequences"] / (cfg.batch_size * cfg.grad_accum))
+            log.info("the %d steps draw %d of the %d harmful training sequences (%d steps see every one)",
+                     cfg.steps, cover["harmful_seen"], cover["harmful_sequences"], per_epoch)
         bar = self.progress(total=cfg.steps, initial=start_step) if self.progress else None
         history: list[dict] = []
         t0 = time.time()
@@ -261,7 +283,8 @@ class Trainer:
         tail = history[-10:]
         final = {k: round(float(np.mean([r[k] for r in tail])), 6) for k in ("refusal", "retain", "benign_refusal", "total")
                  if tail and k in tail[0]}
-        return TrainSummary(steps=cfg.steps, start_step=start_step, final=final, first=first, wall_s=time.time() - t0)
+        return TrainSummary(steps=cfg.steps, start_step=start_step, final=final, first=first, wall_s=time.time() - t0,
+                            coverage=cover)
 
     def _clip(self) -> float:
         if self.cfg.max_grad_norm > 0:
