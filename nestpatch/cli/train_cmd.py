@@ -96,7 +96,8 @@ def train_cmd(model: str | None, out: str | None, config_file: str | None, progr
         print_json({
             "out": str(result.paths.patch), "seed": result.config.seed, "detection": result.detection,
             "clusters": result.patch.n_clusters, "trainable_parameters": result.patch.trainable_parameters,
-            "final_loss": result.summary.final, "coverage": result.summary.coverage, "timings_s": result.timings, "peak_rss_mb": round(result.peak_rss_mb, 1),
+            "final_loss": result.summary.final, "coverage": result.summary.coverage, "timings_s": result.timings,
+            "peak_rss_mb": round(result.peak_rss_mb, 1),
         })
     else:
         click.echo(_render(result))
