@@ -1,7 +1,7 @@
 """Training micro-batches in float32 and under bfloat16 autocast, side by side on one loaded model.
 
 Why: whether ``--bf16`` pays on a CPU depends on the CPU. Without native bfloat16 arithmetic it was
-0.23-0.27x float32's speed here (docs/RESULTS.md, session 4); CPUs with AVX512-BF16 or AMX run
+0.23-0.27x float32's speed here (docs/RESULTS.md, "Qwen2.5-Coder-0.5B-Instruct"); CPUs with AVX512-BF16 or AMX run
 bfloat16 matrix products in hardware. This script measures the two on the machine it runs on, with
 the real training step (``Trainer.micro_step`` and its backward, the recipe's activation
 checkpointing and retain term), alternating the two precisions so that other load hits both
