@@ -61,13 +61,25 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
     ),
     Recipe(
         model="qwen2.5-coder-1.5b",
-        settings={"max_prompts": 96, "detect_prompts": 64, "steps": 30, "batch_size": 4, "max_length": 128,
+        settings={"max_prompts": 0, "detect_prompts": 64, "steps": 31, "grad_accum": 4, "batch_size": 4, "max_length": 128,
                   "activation_checkpointing": True, "lr": 1e-3, "recovery_fraction": 0.5},
-        why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token; measured "
-            "end to end on this 2-core CPU: 14 min; at 1 thread beside other jobs 23-31 min. Peak RSS was 9.6-15.8 GB, varying "
-            "between runs, until model loading fixed glibc's mmap threshold for large models (nestpatch.memory): then 8.2-9.1 GB, the rest had been a "
-            "fragmented heap (docs/RESULTS.md, session 15).",
-        notes={"max_length": "as for the 0.5B", "activation_checkpointing": "as for the 0.5B (3.6x its activations per token)",
+        why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token. One full epoch "
+            "of every training prompt: on this 2-core CPU 142-150 s a step at 2 threads (88 min for the 31 steps), plus about "
+            "13 min generating the model's answers to all 1,031 training prompts (reused by later runs on the same cache); "
+            "peak RSS 8.5-9.1 GB once model loading fixed glibc's mmap threshold for large models (nestpatch.memory; "
+            "docs/RESULTS.md, sessions 15-18).",
+        notes={"max_prompts": "0 (every training prompt: 326 harmful, 489 harmful sequences with the recovery examples, 705 "
+                              "benign), with steps, grad_accum and batch_size drawing 496 harmful sequences: every one is "
+                              "trained on once, whatever the seed. With 96 prompts and 30 steps of 4, which rare requests a run "
+                              "saw was the seed's draw, and so was refusing HarmBench-validation's persuasive misinformation "
+                              "(seeds 0 / 1 / 2: hb-val ASR 0.0 / 12.2 / 19.5%). Adopted by a rule fixed before the runs "
+                              "(3-seed score and hb-val spread both below the old recipe's): hb-val ASR 2.4 / 2.4 / 4.9%, "
+                              "benign refusal 4.0 / 4.8 / 3.2%, score 0.136 against 0.186; KL on validation 0.071-0.075 against "
+                              "0.053-0.085 (docs/RESULTS.md, sessions 17-18)",
+               "steps": "31 optimizer steps of grad_accum 4 micro-batches of 4 + 4 rows: one epoch of the 489 harmful "
+                        "sequences at about the old recipe's 30 updates and the same lr (see max_prompts)",
+               "grad_accum": "see steps", "batch_size": "see steps",
+               "max_length": "as for the 0.5B", "activation_checkpointing": "as for the 0.5B (3.6x its activations per token)",
                "lr": "the default 2e-2 diverged on this model: the training loss went from 0.83 to 6.1 at the second step "
                      "(delta RMS 0.008) and ended at 15.1; at 1e-3 it ends at 0.41 (refusal 0.08, retain 0.22) with deltas at RMS 0.004. "
                      "Chosen on the training loss alone, no evaluation data. Three seeds (HarmBench test, folded GGUF): ASR "
