@@ -64,7 +64,7 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (
         settings={"max_prompts": 0, "detect_prompts": 64, "steps": 31, "grad_accum": 4, "batch_size": 4, "max_length": 128,
                   "activation_checkpointing": True, "lr": 1e-3, "recovery_fraction": 0.5},
         why="Qwen2.5-Coder-1.5B-Instruct (1.3B non-embedding parameters): about 3.7x the 0.5B's work per token. One full epoch "
-            "of every training prompt: on this 2-core CPU 142-150 s a step at 2 threads (88 min for the 31 steps), plus about "
+            "of every training prompt: on this 2-core CPU 142-150 s a step at 2 threads (75-88 min for the 31 steps), plus about "
             "13 min generating the model's answers to all 1,031 training prompts (reused by later runs on the same cache); "
             "peak RSS 8.5-9.1 GB once model loading fixed glibc's mmap threshold for large models (nestpatch.memory; "
             "docs/RESULTS.md, sessions 15-18).",
