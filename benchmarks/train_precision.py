@@ -3,8 +3,8 @@
 Why: whether ``--bf16`` pays on a CPU depends on the CPU. Without native bfloat16 arithmetic it was
 0.23-0.27x float32's speed here (docs/RESULTS.md, "Qwen2.5-Coder-0.5B-Instruct"); CPUs with AVX512-BF16 or AMX run
 bfloat16 matrix products in hardware. This script measures the two on the machine it runs on, with
-the real training step (``Trainer.micro_step`` and its backward, the recipe's activation
-checkpointing and retain term), alternating the two precisions so that other load hits both
+the real training step (``Trainer.micro_step`` and its backward, activation checkpointing, the KL
+retain term by default; ``--retain-loss ce`` is the recipes' term, one no-grad forward pass fewer), alternating the two precisions so that other load hits both
 alike, and says how far the bfloat16 losses and gradients are from float32's on the same batch.
 
     python benchmarks/train_precision.py --model qwen2.5-coder-0.5b --threads 2 --repeats 3
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="harmful and benign rows per micro-batch")
     ap.add_argument("--repeats", type=int, default=3, help="timed micro-batches per precision")
     ap.add_argument("--neurons", type=int, default=16, help="patched neurons per layer and projection (up, down)")
+    ap.add_argument("--retain-loss", choices=("kl", "ce"), default="kl", help="retain term (kl: two forward passes)")
     ap.add_argument("--no-checkpointing", action="store_true", help="keep activations (the Qwen recipes checkpoint)")
     args = ap.parse_args()
     if args.threads:
@@ -74,7 +75,7 @@ def main() -> None:
 
     trainers = {}
     for name, bf16 in (("float32", False), ("bfloat16", True)):
-        cfg = TrainConfig(model=args.model, out="unused.nestpatch", batch_size=args.batch_size, retain_loss="kl", bf16=bf16, seed=0)
+        cfg = TrainConfig(model=args.model, out="unused.nestpatch", batch_size=args.batch_size, retain_loss=args.retain_loss, bf16=bf16, seed=0)
         trainers[name] = Trainer(model, deltas, harmful, benign, cfg, pad_id=pad)
 
     idx = list(range(args.batch_size))
