@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=16, help="patched neurons per layer and projection (up, down)")
     ap.add_argument("--retain-loss", choices=("kl", "ce"), default="kl", help="retain term (kl: two forward passes)")
     ap.add_argument("--no-checkpointing", action="store_true", help="keep activations (the Qwen recipes checkpoint)")
+    ap.add_argument("--precisions", default="float32,bfloat16",
+                    help="comma-separated subset of float32,bfloat16 (benchmarks/huge_pages.py times float32 alone)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +76,10 @@ def main() -> None:
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
     trainers = {}
+    wanted = set(args.precisions.split(","))
     for name, bf16 in (("float32", False), ("bfloat16", True)):
+        if name not in wanted:
+            continue
         cfg = TrainConfig(model=args.model, out="unused.nestpatch", batch_size=args.batch_size, retain_loss=args.retain_loss, bf16=bf16, seed=0)
         trainers[name] = Trainer(model, deltas, harmful, benign, cfg, pad_id=pad)
 
@@ -99,6 +104,11 @@ def main() -> None:
     deltas.detach()
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    if len(trainers) < 2:
+        from nestpatch.memory import peak_rss_mb
+
+        print(json.dumps({"median_s": {k: round(v, 2) for k, v in med.items()}, "peak_rss_mb": round(peak_rss_mb())}), flush=True)
+        return
     (l32, g32), (l16, g16) = first["float32"], first["bfloat16"]
     a, b = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
     print(json.dumps({

@@ -11,6 +11,13 @@ from mmap, which returns it to the OS when freed. It costs time: each such block
 (SmolLM2 on an idle 2-core machine: detection 1.4-1.6x and backward passes 1.3-1.4x as long), so
 :func:`load_model` fixes it only for models whose weight files reach :data:`LARGE_MODEL_BYTES`,
 where the memory decides whether a run fits at all.
+
+Most of that cost is page faults: every fresh 4 KiB page of an mmapped block is zeroed by the kernel
+on first touch (Qwen2.5-Coder-0.5B training: about 90,000 faults a second, half the CPU time in the
+kernel). PyTorch can back its large CPU tensors with 2 MB transparent huge pages instead
+(``THP_MEM_ALLOC_ENABLE``: 2 MB-aligned, ``madvise(MADV_HUGEPAGE)``), 512 times fewer faults for the
+same blocks, which still go back to the OS when freed; :func:`prefer_huge_pages` asks for it
+together with the fixed threshold.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ MMAP_THRESHOLD = 128 * 1024
 GLIBC_ENV = "MALLOC_MMAP_THRESHOLD_"
 #: Weight files at least this large (Qwen2.5-Coder-0.5B's GGUF is 491 MB; SmolLM2's 98 MB) get the fixed threshold.
 LARGE_MODEL_BYTES = 400 * 2**20
+
+#: PyTorch's switch for huge-page-backed CPU tensors (c10's CPU allocator reads it at its first allocation).
+TORCH_THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 _decided = False  # the first call of fix_mmap_threshold / keep_glibc_default wins for the process
 
@@ -68,3 +78,19 @@ def keep_glibc_default() -> None:
     global _decided
     _decided = True
 
+
+def prefer_huge_pages() -> bool:
+    """Ask PyTorch to back CPU tensors of 2 MB and more with transparent huge pages; True when this call asked.
+
+    A no-op (False) off Linux and when ``THP_MEM_ALLOC_ENABLE`` is already in the environment (the
+    user's value stands, ``0`` included). PyTorch reads the variable once, at its first CPU
+    allocation, so this only takes effect when called before any tensor was made (as
+    :func:`~nestpatch.models.loading.load_model` does before loading). The kernel decides whether
+    huge pages are used (``/sys/kernel/mm/transparent_hugepage/enabled`` ``madvise`` or ``always``);
+    with ``never`` the blocks stay 4 KiB pages, as before.
+    """
+    if TORCH_THP_ENV in os.environ or not sys.platform.startswith("linux"):
+        return False
+    os.environ[TORCH_THP_ENV] = "1"
+    log.debug("%s=1: large CPU tensors on transparent huge pages", TORCH_THP_ENV)
+    return True
