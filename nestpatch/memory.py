@@ -14,10 +14,11 @@ where the memory decides whether a run fits at all.
 
 Most of that cost is page faults: every fresh 4 KiB page of an mmapped block is zeroed by the kernel
 on first touch (Qwen2.5-Coder-0.5B training: about 90,000 faults a second, half the CPU time in the
-kernel). PyTorch can back its large CPU tensors with 2 MB transparent huge pages instead
-(``THP_MEM_ALLOC_ENABLE``: 2 MB-aligned, ``madvise(MADV_HUGEPAGE)``), 512 times fewer faults for the
-same blocks, which still go back to the OS when freed; :func:`prefer_huge_pages` asks for it
-together with the fixed threshold.
+kernel). PyTorch can advise 2 MB transparent huge pages for its CPU tensors of 2 MB and more
+(``THP_MEM_ALLOC_ENABLE``, ``madvise(MADV_HUGEPAGE)``): one fault per whole 2 MB page inside a block,
+the block's unaligned ends still 4 KiB pages, and the blocks still go back to the OS when freed.
+:func:`prefer_huge_pages` asks for it together with the fixed threshold (measured on that training:
+3.6x fewer faults, 1.17x faster micro-batches, same peak RSS; docs/RESULTS.md, session 19).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 # run it after a recipe was chosen on validation, never to choose one.
 #   bash scripts/test_sets.sh MODEL PATCH OUTPREFIX [THREADS]
 # Writes OUTPREFIX-hb, OUTPREFIX-jb, OUTPREFIX-benign (eval run directories) and
-# OUTPREFIX-{hb,jb}.composite.json; then: python scripts/seed_table.py s0=OUTPREFIX-hb,OUTPREFIX-jb,... 
+# OUTPREFIX-{hb,jb}.composite.json; then: python scripts/seed_table.py s0=OUTPREFIX-hb,OUTPREFIX-jb,...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] || { echo "usage: bash scripts/test_sets.sh MODEL PATCH OUTPREFIX [THREADS]" >&2; exit 2; }

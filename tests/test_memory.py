@@ -68,7 +68,6 @@ def test_load_model_fixes_the_threshold_only_for_large_weights(tmp_path) -> None
     assert after_load(0) == "0"  # weights at the limit: fixed during the load
 
 
-
 _FAULTS = """
 import resource, sys
 import nestpatch.models.loading as loading

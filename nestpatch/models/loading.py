@@ -84,7 +84,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "auto", dtype: str = "f
         raise InputError(f"{path}: no such model file or directory")
     if path_bytes(path) >= LARGE_MODEL_BYTES:
         fix_mmap_threshold()  # a large load would otherwise leave GBs of fragmented heap: see nestpatch.memory
-        prefer_huge_pages()  # and each fresh mmapped page would be a page fault: 2 MB pages, 512x fewer
+        prefer_huge_pages()  # and each fresh 4 KiB mmapped page would be a page fault
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
