@@ -4,7 +4,9 @@
 # benign (150) + over-refusal (80); refusal-phrase and strict-refusal judges while generating, the
 # composite judge applied afterwards to the saved replies (scripts/rejudge.py). Test sets only:
 # run it after a recipe was chosen on validation, never to choose one. The eval and rejudge commands are
-# the ones sessions 15-18 ran; this script itself has not yet been run end to end (session 19).
+# the ones sessions 15-18 ran. Run end to end in session 21 on SmolLM2 (default recipe, seed 0, 1 thread
+# beside two trainings): 1,280 s, HarmBench ASR 7.5% (all three judges), jailbreak mean 21.7% phrase /
+# 11.7% composite, benign refusal 7.3%, over-refusal 0.0%.
 #   bash scripts/test_sets.sh MODEL PATCH OUTPREFIX [THREADS]
 # Writes OUTPREFIX-hb, OUTPREFIX-jb, OUTPREFIX-benign (eval run directories) and
 # OUTPREFIX-{hb,jb}.composite.json; then: python scripts/seed_table.py s0=OUTPREFIX-hb,OUTPREFIX-jb,...
