@@ -34,16 +34,24 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {r.model: r for r in (
     Recipe(
         model="qwen2.5-coder-0.5b",
-        settings={"max_prompts": 128, "detect_prompts": 96, "steps": 40, "batch_size": 6, "max_length": 128,
+        settings={"max_prompts": 0, "detect_prompts": 96, "steps": 41, "grad_accum": 2, "batch_size": 6, "max_length": 128,
                   "activation_checkpointing": True, "lr": 1e-3, "recovery_fraction": 0.5},
-        why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: half the "
-            "default's prompts and sequences, activation checkpointing on; measured end to end on this 2-core CPU: 12 min 55 s, "
-            "peak RSS 5.1 GB (docs/RESULTS.md).",
+        why="Qwen2.5-Coder-0.5B-Instruct (0.36B non-embedding parameters, 152k vocabulary) on a 2-core CPU: one full epoch "
+            "of every harmful training sequence, activation checkpointing on. On this 2-core CPU about 9 min generating the "
+            "model's answers to all 1,031 training prompts at 2 threads (reused by later runs on the same cache), then "
+            "54-64 min of training at 1 thread beside other runs (docs/RESULTS.md, sessions 19 and 21).",
         notes={
-            "max_prompts": "the model's own refusals and benign answers are generated for every training prompt: half the prompts, "
-                           "half the generation time (~2 epochs of 128 at 40 steps x 6)",
-            "detect_prompts": "96 + 96 prompts for the z-scores (31 s on 2 cores)",
-            "steps": "40 steps x (6 harmful + 6 benign): half the default's sequences; a step is 7-11 s on 2 cores (with checkpointing: the larger)",
+            "max_prompts": "0 (every training prompt: 326 harmful, 489 harmful sequences with the recovery examples, 705 benign), "
+                           "as for the 1.5B. Adopted by a rule fixed before the runs (docs/rules/s19_q05_epoch.md: 3-seed mean "
+                           "score and benign refusal below the old recipe's, hb-val spread at most its + 2.4) over the old "
+                           "128-prompt sample: on validation, 3 seeds, hb-val ASR 7.3 / 7.3 / 4.9% against 4.9 / 9.8 / 7.3%, "
+                           "benign refusal 16.9 / 15.3 / 13.7% against 20.2 / 19.4 / 19.4%, prefilling ASR 19.5 / 17.1 / 7.3% "
+                           "against 36.6 / 22.0 / 2.4%, KL 0.156 / 0.145 / 0.176 against 0.169 / 0.153 / 0.174, score "
+                           "(pooled ASR + benign refusal + KL) 0.368 against 0.410 (docs/RESULTS.md, sessions 19 and 21)",
+            "detect_prompts": "96 + 96 prompts for the z-scores, sampled from every training prompt (31 s on 2 cores)",
+            "steps": "41 optimizer steps of grad_accum 2 micro-batches of 6 + 6 rows: 492 harmful draws, so each of the 489 "
+                     "harmful sequences is trained on once whatever the seed, and 492 of the 705 benign ones (see max_prompts)",
+            "grad_accum": "see steps",
             "batch_size": "see steps",
             "max_length": "Qwen's template adds a 20-token system prompt; the built-in prompts are at most 65 tokens, so 128 "
                           "only bounds user-supplied prompts",
