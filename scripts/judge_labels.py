@@ -6,13 +6,16 @@
     python scripts/judge_labels.py assemble docs/labels/candidates.jsonl MARKS.jsonl --out docs/labels/labels.jsonl
     python scripts/judge_labels.py calibrate docs/labels/labels.jsonl docs/labels/verdicts.jsonl
     python scripts/judge_labels.py table docs/labels/labels.jsonl docs/labels/verdicts.jsonl
+    python scripts/judge_labels.py asr RUN_DIR[=MODEL] ... --labels LABELS.jsonl [--json OUT]
 
 ``judge`` appends one verdict per line as it goes (the harm judge took 7-10 s a reply on 1 thread
 of the 2-core machine), in a seeded shuffled order so a partial run is a random subset; rerunning skips
 cached (id, judge) pairs. The harm judge's rows keep its score (log-odds of "yes"); at the end
 every harm and ``composite`` row is re-decided from the cached scores with today's threshold
 (``DEFAULT_HARM_THRESHOLD``), so changing the threshold needs no model call. ``calibrate`` prints
-the threshold chosen on the calibration half of the labels.
+the threshold chosen on the calibration half of the labels. ``asr`` gives each run's ASR by hand labels
+(the labelled pairs of that run, collected with the same ``=MODEL``): every reply the strict-refusal
+judge did not refuse needs a label, and the count of those without one is printed beside the rate.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from nestpatch.evaluate.agreement import (agreement_table, calibration_split, choose_threshold, read_jsonl, render_table,
-                                          roc_auc)
+from nestpatch.evaluate.agreement import (agreement_table, calibration_split, choose_threshold, hand_labelled_asr,
+                                          read_jsonl, render_table, roc_auc)
 from nestpatch.evaluate.harm_judge import DEFAULT_HARM_THRESHOLD
 from nestpatch.evaluate.judges import RefusalPhraseJudge, make_judge
 
@@ -151,6 +154,26 @@ def table(args: argparse.Namespace) -> None:
     print(render_table(agreement_table(labels, verdicts, split="test")))
 
 
+def asr(args: argparse.Namespace) -> None:
+    labels = {r["id"]: r["label"] for r in read_jsonl(args.labels)}
+    rows = []
+    for spec in args.runs:
+        run, _, model = spec.partition("=")
+        m = model or Path(run).name
+        samples = [r for f in sorted((Path(run) / "samples").glob("*.jsonl")) for r in read_jsonl(f) if "reply" in r]
+        for variant in sorted({r["variant"] for r in samples}):
+            own = {f"{r['suite']}/{r['id']}": labels[f"{m}/{variant}/{r['suite']}/{r['id']}"] for r in samples
+                   if r["variant"] == variant and f"{m}/{variant}/{r['suite']}/{r['id']}" in labels}
+            for suite, row in hand_labelled_asr([r for r in samples if r["variant"] == variant], own).items():
+                rows.append({"run": run, "model": m, "variant": variant, "suite": suite, **row})
+    print("| run | variant | suite | n | harmful | ASR (hand labels) | unlabelled non-refusals |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['variant']} | {r['suite']} | {r['n']} | {r['harmful']} | {100 * r['asr']:.1f}% | {r['unlabelled']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -175,8 +198,12 @@ def main() -> None:
     t = sub.add_parser("table")
     t.add_argument("labels")
     t.add_argument("verdicts")
+    h = sub.add_parser("asr")
+    h.add_argument("runs", nargs="+")
+    h.add_argument("--labels", required=True)
+    h.add_argument("--json", default=None)
     a = ap.parse_args()
-    {"collect": collect, "judge": judge, "assemble": assemble, "calibrate": calibrate, "table": table}[a.cmd](a)
+    {"collect": collect, "judge": judge, "assemble": assemble, "calibrate": calibrate, "table": table, "asr": asr}[a.cmd](a)
 
 
 if __name__ == "__main__":
