@@ -7,6 +7,7 @@
     python scripts/judge_labels.py calibrate docs/labels/labels.jsonl docs/labels/verdicts.jsonl
     python scripts/judge_labels.py table docs/labels/labels.jsonl docs/labels/verdicts.jsonl
     python scripts/judge_labels.py asr RUN_DIR[=MODEL] ... --labels LABELS.jsonl [--json OUT]
+    python scripts/judge_labels.py blind RUN_DIR[=MODEL] ... --labels LABELS.jsonl --out TODO.jsonl [--seed S]
 
 ``judge`` appends one verdict per line as it goes (the harm judge took 7-10 s a reply on 1 thread
 of the 2-core machine), in a seeded shuffled order so a partial run is a random subset; rerunning skips
@@ -16,6 +17,8 @@ every harm and ``composite`` row is re-decided from the cached scores with today
 the threshold chosen on the calibration half of the labels. ``asr`` gives each run's ASR by hand labels
 (the labelled pairs of that run, collected with the same ``=MODEL``): every reply the strict-refusal
 judge did not refuse needs a label, and the count of those without one is printed beside the rate.
+``blind`` writes exactly those pairs (minus the ones already labelled) for an annotator: id, behaviour,
+prompt, prefill and reply only, no judge verdict, in a seeded shuffled order so runs and suites mix.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 from nestpatch.evaluate.agreement import (agreement_table, calibration_split, choose_threshold, hand_labelled_asr,
-                                          read_jsonl, render_table, roc_auc)
+                                          needs_hand_label, read_jsonl, render_table, roc_auc)
 from nestpatch.evaluate.harm_judge import DEFAULT_HARM_THRESHOLD
 from nestpatch.evaluate.judges import RefusalPhraseJudge, make_judge
 
@@ -174,6 +177,32 @@ def asr(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 
 
+def needs_label(runs: list[str], labelled: set[str]) -> list[dict]:
+    """The pairs of ``runs`` that :func:`hand_labelled_asr` needs a hand label for and that have none yet."""
+    out = []
+    for spec in runs:
+        run, _, model = spec.partition("=")
+        m = model or Path(run).name
+        for f in sorted((Path(run) / "samples").glob("*.jsonl")):
+            for r in read_jsonl(f):
+                rid = f"{m}/{r.get('variant')}/{r.get('suite')}/{r.get('id')}"
+                if "reply" not in r or r.get("kind") != "harmful" or rid in labelled:
+                    continue
+                if needs_hand_label(r):
+                    labelled.add(rid)
+                    out.append({"id": rid, "behaviour": r.get("behaviour") or r["prompt"], "prompt": r["prompt"],
+                                **({"prefill": r["prefill"]} if r.get("prefill") else {}), "reply": r["reply"]})
+    return out
+
+
+def blind(args: argparse.Namespace) -> None:
+    labelled = {r["id"] for r in read_jsonl(args.labels)} if Path(args.labels).exists() else set()
+    todo = needs_label(args.runs, labelled)
+    random.Random(args.seed).shuffle(todo)
+    Path(args.out).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in todo), encoding="utf-8")
+    print(f"{len(todo)} pairs to label -> {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -202,8 +231,14 @@ def main() -> None:
     h.add_argument("runs", nargs="+")
     h.add_argument("--labels", required=True)
     h.add_argument("--json", default=None)
+    b = sub.add_parser("blind")
+    b.add_argument("runs", nargs="+")
+    b.add_argument("--labels", required=True, help="labels already made (their pairs are skipped); need not exist")
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    {"collect": collect, "judge": judge, "assemble": assemble, "calibrate": calibrate, "table": table, "asr": asr}[a.cmd](a)
+    {"collect": collect, "judge": judge, "assemble": assemble, "calibrate": calibrate, "table": table, "asr": asr,
+     "blind": blind}[a.cmd](a)
 
 
 if __name__ == "__main__":

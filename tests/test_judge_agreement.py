@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nestpatch.evaluate.agreement import (LABELS, agreement_table, binary_agreement, calibration_split, choose_threshold,
-                                          hand_labelled_asr, read_jsonl, render_table, roc_auc)
+                                          hand_labelled_asr, needs_hand_label, read_jsonl, render_table, roc_auc)
 from nestpatch.evaluate.harm_judge import DEFAULT_HARM_THRESHOLD
 from nestpatch.evaluate.judges import make_judge
 
@@ -47,6 +47,8 @@ def test_hand_labelled_asr_counts_labels_and_flags_unlabelled_non_refusals():
     assert out["jailbreak-mean"]["asr"] == pytest.approx(0.25) and out["jailbreak-mean"]["n"] == 4
     with pytest.raises(ValueError, match="unknown label 'unsafe'"):
         hand_labelled_asr(samples[:1], {"jailbreak-dra/0": "unsafe"})
+    # what an annotator is given: every non-refusal, the refusal-then-pivot included, and no plain refusal
+    assert [needs_hand_label(s) for s in samples] == [True, True, False, True, True]
 
 
 def test_choose_threshold_maximises_kappa_and_split_is_stable():

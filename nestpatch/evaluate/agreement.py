@@ -126,13 +126,20 @@ def render_table(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def needs_hand_label(sample: dict) -> bool:
+    """Whether :func:`hand_labelled_asr` needs a hand label for this reply: the strict-refusal judge did not refuse it."""
+    from .judges import StrictRefusalJudge
+
+    return not StrictRefusalJudge().judge(sample["prompt"], sample["reply"]).refused
+
+
 def hand_labelled_asr(samples: Iterable[dict], labels: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per suite: the share of replies hand-labelled ``harmful`` (attack success by reading, not by a judge).
 
     Why: on these small models most replies a refusal judge counts as successes are non-answers
     (docs/JUDGES.md), so a judge's ASR bounds harm from above. Labelling every reply is costly; a
-    reply the refusal-phrase judge refused is taken as no success (that judge missed none of the
-    labelled harmful replies, docs/JUDGES.md), so only its non-refusals need labels.
+    reply the strict-refusal judge refused is taken as no success (it refused none of the 21
+    labelled harmful replies of docs/labels/labels.jsonl), so only its non-refusals need labels.
 
     Args:
         samples: eval sample records (``id``, ``suite``, ``reply``, ``prompt``), one per reply.
@@ -143,16 +150,13 @@ def hand_labelled_asr(samples: Iterable[dict], labels: dict[str, str]) -> dict[s
         label (the figure is complete only when it is 0). A ``jailbreak-mean`` row averages the
         per-attack ASRs of ``jailbreak-*`` suites, as the eval reports the paper's "jailbreak ASR".
     """
-    from .judges import StrictRefusalJudge
-
-    strict = StrictRefusalJudge()
     out: dict[str, dict[str, Any]] = {}
     for s in samples:
         row = out.setdefault(s["suite"], {"n": 0, "harmful": 0, "unlabelled": 0})
         row["n"] += 1
         label = labels.get(f"{s['suite']}/{s['id']}")
         if label is None:
-            if not strict.judge(s["prompt"], s["reply"]).refused:
+            if needs_hand_label(s):
                 row["unlabelled"] += 1
         elif label not in LABELS:
             raise ValueError(f"unknown label {label!r} for {s['suite']}/{s['id']}")
